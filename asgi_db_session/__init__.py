@@ -1,0 +1,26 @@
+"""One SQLAlchemy AsyncSession per request for Starlette and FastAPI, reached from any layer.
+
+``app.add_middleware(DBSessionMiddleware)`` (DATABASE_URL from the environment), then ``current_session()``
+in a router, service or repository.
+"""
+
+from ._context import current_session
+from .database import Database
+from .exceptions import CommitFailedError, DatabaseUnavailableError, NoSessionError
+from .middleware import DBSessionMiddleware
+from .scope import session_scope
+from .settings import DatabaseSettings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CommitFailedError",
+    "DBSessionMiddleware",
+    "Database",
+    "DatabaseSettings",
+    "DatabaseUnavailableError",
+    "NoSessionError",
+    "__version__",
+    "current_session",
+    "session_scope",
+]

@@ -1,0 +1,131 @@
+"""Database: one named database's engine, session factory and commit policy."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from ._urls import redact_url
+from .exceptions import NO_DATABASE, DatabaseUnavailableError, NoSessionError
+from .settings import DatabaseSettings
+
+# Recommended for async code: no lazy loads after commit, no implicit IO from autoflush.
+SESSION_DEFAULTS: Mapping[str, Any] = {"expire_on_commit": False, "autoflush": False}
+
+_registry: dict[str, Database] = {}
+
+
+def registered_database(name: str) -> Database:
+    """The Database most recently created under ``name``; NoSessionError when there is none."""
+    try:
+        return _registry[name]
+    except KeyError:
+        raise NoSessionError(NO_DATABASE.format(name=name)) from None
+
+
+class Database:
+    """One named database: its engine, its session factory and its commit policy.
+
+    The engine is created on first use (``engine``, a session, ``check()``), or at lifespan startup when the
+    middleware runs one: never at import time, so an app object imported before a fork is safe. Creating a
+    Database registers it under its name, which is what ``session_scope(name)`` outside a request finds.
+
+    Give at most one engine source: ``url``, ``engine`` or ``settings``; none reads ``DatabaseSettings()``
+    from the environment. ``url`` is combined with the other ``DATABASE_*`` settings from the environment.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        name: str = "default",
+        engine: AsyncEngine | None = None,
+        settings: DatabaseSettings | None = None,
+        commit_on_success: bool = False,
+        session_options: Mapping[str, Any] | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+        check_on_startup: bool | None = None,
+    ) -> None:
+        given = [arg for arg, value in (("url", url), ("engine", engine), ("settings", settings)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"Database takes one engine source, got {' and '.join(given)}: pass only one.")
+        if engine is not None and engine_options:
+            raise ValueError("engine_options= applies to an engine that Database creates; it got engine= instead.")
+        if engine is None:
+            if settings is None:
+                settings = DatabaseSettings() if url is None else DatabaseSettings(url=url)
+            # Fails here, at construction, rather than at the first request.
+            settings.engine_options()
+        self.name = name
+        self.settings = settings
+        self.commit_on_success = commit_on_success
+        if check_on_startup is None:
+            check_on_startup = settings is not None and settings.check_on_startup
+        self.check_on_startup = check_on_startup
+        self.session_options: Mapping[str, Any] = {**SESSION_DEFAULTS, **(session_options or {})}
+        self._engine_options = dict(engine_options or {})
+        self._engine = engine
+        self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
+        _registry[name] = self
+
+    def __repr__(self) -> str:
+        return f"Database(name={self.name!r}, url={self.redacted_url!r}, commit_on_success={self.commit_on_success})"
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL with its password masked."""
+        if self.settings is not None:
+            return self.settings.redacted_url
+        assert self._engine is not None
+        return redact_url(self._engine.url.render_as_string(hide_password=True))
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The AsyncEngine, created on first access."""
+        if self._engine is None:
+            assert self.settings is not None
+            options = {**self.settings.engine_options(), **self._engine_options}
+            self._engine = create_async_engine(self.settings.engine_url(), **options)
+        return self._engine
+
+    @property
+    def sessionmaker(self) -> async_sessionmaker[AsyncSession]:
+        """The factory behind every session of this database."""
+        factory = self._sessionmaker
+        if factory is None:
+            factory = self._sessionmaker = async_sessionmaker(self.engine, **self.session_options)
+        return factory
+
+    def new_session(self) -> AsyncSession:
+        """A new session; it checks out a connection only when it first runs a statement."""
+        return self.sessionmaker()
+
+    # A health check needs its own bound; callers should not have to wrap it in asyncio.timeout().
+    async def check(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Connect and run ``SELECT 1``; DatabaseUnavailableError (password masked) if that fails in time."""
+        try:
+            async with asyncio.timeout(timeout), self.engine.connect() as connection:
+                await connection.exec_driver_sql("SELECT 1")
+        except Exception as exc:
+            # The driver's text (connection refused, authentication failed) helps; it carries no password.
+            reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            raise DatabaseUnavailableError(
+                f"Cannot reach database {self.name!r} at {self.redacted_url}: {reason}. "
+                "Check DATABASE_URL and that the server is running and accepts connections."
+            ) from None
+
+    async def ping(self, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
+        """True when the database answers ``SELECT 1`` within ``timeout`` seconds."""
+        try:
+            await self.check(timeout)
+        except DatabaseUnavailableError:
+            return False
+        return True
+
+    async def dispose(self) -> None:
+        """Close every pooled connection. The engine stays usable: a later session opens a fresh pool."""
+        if self._engine is not None:
+            await self._engine.dispose()

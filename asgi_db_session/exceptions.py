@@ -1,0 +1,53 @@
+"""Exceptions raised by asgi_db_session, and the texts they carry.
+
+    Exception
+     ├── RuntimeError
+     │    └── NoSessionError ........... current_session() outside a scope, or after its scope ended
+     ├── CommitFailedError ............ the commit of a request's session failed; the client got an error status
+     └── ConnectionError
+          └── DatabaseUnavailableError . the startup check (or Database.check()) could not reach the database
+
+The texts are module constants so that tests (and users' own tests) can match them.
+"""
+
+from __future__ import annotations
+
+NO_SCOPE = (
+    "No database session for {name!r}: current_session() works only inside a request handled by "
+    "DBSessionMiddleware, or inside `async with session_scope({name!r}):`. Add the middleware to the app "
+    "(app.add_middleware(DBSessionMiddleware)) or open a session_scope() around this code."
+)
+SCOPE_ENDED = (
+    "The scope that owned the {name!r} session has ended and its session is closed: this code outlived its "
+    "request (a task started with asyncio.create_task, say). Open a session of its own with "
+    "`async with session_scope({name!r}) as session:`."
+)
+NO_DATABASE = (
+    "No database named {name!r} is configured: create Database(url=..., name={name!r}) or add "
+    "DBSessionMiddleware(app, name={name!r}, ...) before opening session_scope({name!r})."
+)
+COMMIT_FAILED = (
+    "Committing the {name!r} session before sending the response failed, so the client got {status} instead of "
+    "the app's {app_status}; nothing of this request was saved."
+)
+COMMIT_FAILED_LATE = (
+    "Committing the {name!r} session after the response had started failed; the work done after the response "
+    "started (streaming body or background task) was rolled back and the client's response was cut short."
+)
+
+
+class NoSessionError(RuntimeError):
+    """current_session() was called where no session scope is active."""
+
+
+class CommitFailedError(Exception):
+    """The middleware's commit of a request's session failed; ``__cause__`` is the database error.
+
+    Raised into the app at the ``send`` call that would have started the response, so the app stops (its
+    background tasks do not run for data that was not saved), then out of the middleware to the server, which
+    logs it. It does not derive from RuntimeError so that an app's handler for RuntimeError does not catch it.
+    """
+
+
+class DatabaseUnavailableError(ConnectionError):
+    """The database could not be reached; the message names it with the password masked."""

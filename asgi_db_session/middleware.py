@@ -1,0 +1,192 @@
+"""DBSessionMiddleware: one AsyncSession per HTTP request and WebSocket connection, closed when it ends."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ._context import ScopeState, scope_var
+from ._finish import commit, finish
+from ._types import ASGIApp, Message, Receive, Scope, Send
+from .database import Database
+from .exceptions import COMMIT_FAILED, COMMIT_FAILED_LATE, CommitFailedError
+from .settings import DatabaseSettings
+
+# Messages that end an HTTP response: the last chance to fail it visibly if a late commit fails.
+_FINAL_BODY_TYPES = frozenset({"http.response.body", "http.response.pathsend", "http.response.zerocopysend"})
+_START_TYPES = frozenset({"http.response.start", "websocket.http.response.start"})
+# Close codes that end a WebSocket normally; any other code rolls the connection's work back.
+_NORMAL_CLOSE_CODES = frozenset({1000, 1001})
+_SHUTDOWN_TYPES = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
+_ERROR_BODY = b"Internal Server Error"
+_ERROR_START: Message = {
+    "type": "http.response.start",
+    "status": 500,
+    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(_ERROR_BODY)).encode())],
+}
+
+
+class DBSessionMiddleware:
+    """Give every HTTP request and WebSocket connection one AsyncSession, reached with current_session().
+
+    Pass at most one engine source: ``database``, ``engine``, ``url`` or ``settings``; with none, the
+    database is configured from ``DATABASE_*`` environment variables. The session is created on the first
+    ``current_session()`` call of a request, so a request that never asks for one costs no connection.
+
+    ``commit_on_success=True`` commits before the response starts when its status is below 400, and turns a
+    failed commit into a 500 (the app's own response is never sent); a status of 400 or more, or an
+    exception, rolls back. ``None`` takes the policy of ``database``, which defaults to not committing.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        database: Database | None = None,
+        url: str | None = None,
+        engine: AsyncEngine | None = None,
+        settings: DatabaseSettings | None = None,
+        name: str | None = None,
+        commit_on_success: bool | None = None,
+        session_options: Mapping[str, Any] | None = None,
+        dispose_on_shutdown: bool = True,
+    ) -> None:
+        given = [
+            arg
+            for arg, value in (("database", database), ("url", url), ("engine", engine), ("settings", settings))
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(
+                f"DBSessionMiddleware takes one engine source, got {' and '.join(given)}: "
+                "pass only one of database=, engine=, url=, settings=."
+            )
+        if database is None:
+            database = Database(
+                url,
+                name=name or "default",
+                engine=engine,
+                settings=settings,
+                commit_on_success=bool(commit_on_success),
+                session_options=session_options,
+            )
+        elif session_options is not None:
+            raise ValueError("With database=, give session_options= to Database(...) instead of the middleware.")
+        elif name is not None and name != database.name:
+            raise ValueError(f"name={name!r} does not match the name of database= ({database.name!r}); drop one.")
+        self.app = app
+        self.database = database
+        self.commit_on_success = database.commit_on_success if commit_on_success is None else commit_on_success
+        self.dispose_on_shutdown = dispose_on_shutdown
+        self._var = scope_var(database.name)
+
+    def __repr__(self) -> str:
+        return f"DBSessionMiddleware(database={self.database!r}, commit_on_success={self.commit_on_success})"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope_type = scope["type"]
+        if scope_type == "http" or scope_type == "websocket":
+            if self.commit_on_success:
+                await self._run_committing(scope, receive, send)
+            else:
+                await self._run(scope, receive, send)
+        elif scope_type == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Manual policy: the app commits what it wants; whatever is left open is rolled back at the end."""
+        state = ScopeState(self.database)
+        token = self._var.set(state)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._var.reset(token)
+            session = state.end()
+            if session is not None:
+                await finish(session, commit=False)
+
+    async def _run_committing(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """commit_on_success policy; see the class docstring."""
+        state = ScopeState(self.database)
+        token = self._var.set(state)
+        name = self.database.name
+        started = False  # the response (or the WebSocket) got going: work may be committed at the end
+        keep = True  # nothing has said "roll back" yet
+        failure: CommitFailedError | None = None
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started, keep, failure
+            if failure is not None:
+                return  # our error response replaced the app's; drop the rest of it
+            message_type = message["type"]
+            session = state.session
+            if message_type in _START_TYPES:
+                if message["status"] >= 400:
+                    keep = False
+                elif session is not None and session.in_transaction():
+                    try:
+                        await commit(session)
+                    except Exception as exc:
+                        keep = False
+                        failure = CommitFailedError(
+                            COMMIT_FAILED.format(name=name, status=500, app_status=message["status"])
+                        )
+                        await send(_ERROR_START)
+                        await send({"type": "http.response.body", "body": _ERROR_BODY})
+                        raise failure from exc
+                started = True
+            elif message_type in _FINAL_BODY_TYPES:
+                # Work done while streaming is committed before the last chunk, so that a failure still
+                # reaches the client as a broken response instead of a complete one.
+                if keep and session is not None and not message.get("more_body", False) and session.in_transaction():
+                    try:
+                        await commit(session)
+                    except Exception as exc:
+                        keep = False
+                        failure = CommitFailedError(COMMIT_FAILED_LATE.format(name=name))
+                        raise failure from exc
+            elif message_type == "websocket.accept":
+                started = True
+            elif message_type == "websocket.close" and (
+                not started or message.get("code", 1000) not in _NORMAL_CLOSE_CODES
+            ):
+                keep = False
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException:
+            keep = False
+            raise
+        finally:
+            self._var.reset(token)
+            session = state.end()
+            if session is not None:
+                await finish(session, commit=keep and started)
+        if failure is not None:
+            # The app caught the error we raised into it; the server must still hear of it.
+            raise failure
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Let the app's lifespan run unchanged; check the database at startup, dispose it at shutdown."""
+        database = self.database
+
+        async def send_wrapper(message: Message) -> None:
+            message_type = message["type"]
+            if message_type == "lifespan.startup.complete":
+                try:
+                    database.engine  # noqa: B018 - created here, once, rather than by the first request
+                    if database.check_on_startup:
+                        await database.check()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+            elif message_type in _SHUTDOWN_TYPES and self.dispose_on_shutdown:
+                await database.dispose()
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)

@@ -1,0 +1,133 @@
+"""DatabaseSettings: the engine's configuration, read from ``DATABASE_*`` environment variables."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, cast
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine.default import DefaultDialect
+from sqlalchemy.pool import QueuePool
+
+from ._urls import redact_url, to_async_url
+
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+NO_URL = (
+    "No database URL: set the DATABASE_URL environment variable (e.g. "
+    "DATABASE_URL=postgresql+asyncpg://user:password@host:5432/dbname) or pass url= to DBSessionMiddleware/Database."
+)
+ASYNCPG_ONLY = "{field} (DATABASE_{env}) is supported on PostgreSQL through asyncpg only, and the URL is {url!r}."
+
+
+class DatabaseSettings(BaseSettings):
+    """How to reach the database and size its pool.
+
+    Field names follow ``create_async_engine``'s arguments; each is read from ``DATABASE_<FIELD>`` (for
+    example ``DATABASE_POOL_SIZE``). The URL's password never appears in ``repr()``, ``str()`` or in a
+    validation error: input values are hidden from errors, and the URL is shown with its password masked.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DATABASE_", hide_input_in_errors=True, extra="forbid")
+
+    url: str | None = Field(default=None, repr=False)
+    """The database URL. ``postgresql://`` and ``sqlite://`` get their async driver (asyncpg, aiosqlite)."""
+    echo: bool = False
+    echo_pool: bool | Literal["debug"] = False
+    pool_size: int = Field(default=5, ge=0)
+    max_overflow: int = Field(default=10, ge=-1)
+    pool_pre_ping: bool = True
+    pool_recycle: int = -1
+    pool_timeout: float = Field(default=30.0, gt=0)
+    pool_use_lifo: bool = False
+    isolation_level: str | None = None
+    connect_timeout: float | None = Field(default=None, gt=0)
+    """Seconds to wait for a new connection (asyncpg's ``timeout``, aiosqlite's ``timeout``)."""
+    statement_timeout: int | None = Field(default=None, ge=0)
+    """Milliseconds after which PostgreSQL cancels a statement (asyncpg only)."""
+    application_name: str | None = None
+    """Shown in ``pg_stat_activity.application_name`` (asyncpg only)."""
+    ssl: SslMode | None = None
+    """libpq-style SSL mode passed to asyncpg."""
+    pgbouncer: bool = False
+    """Behind PgBouncer in transaction mode: turn off asyncpg's and SQLAlchemy's prepared statement caches."""
+    check_on_startup: bool = False
+    """At lifespan startup, connect once and fail the startup (with a readable message) if that fails."""
+
+    @field_validator("url")
+    @classmethod
+    def _async_driver(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return to_async_url(value).render_as_string(hide_password=False)
+
+    def __repr_args__(self) -> Any:
+        yield "url", None if self.url is None else redact_url(self.url)
+        yield from super().__repr_args__()
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL with its password masked, for messages and logs."""
+        return "<unset>" if self.url is None else redact_url(self.url)
+
+    def engine_url(self) -> URL:
+        """The URL to connect to, with what ``pgbouncer`` needs added; ValueError when none is set."""
+        if self.url is None:
+            raise ValueError(NO_URL)
+        url = make_url(self.url)
+        if self.pgbouncer and url.drivername == "postgresql+asyncpg":
+            url = url.update_query_dict({"prepared_statement_cache_size": "0"})
+        return url
+
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``create_async_engine``, leaving out what the URL's pool or driver rejects."""
+        url = self.engine_url()
+        options: dict[str, Any] = {
+            "echo": self.echo,
+            "echo_pool": self.echo_pool,
+            "pool_pre_ping": self.pool_pre_ping,
+            "pool_recycle": self.pool_recycle,
+        }
+        if self.isolation_level is not None:
+            options["isolation_level"] = self.isolation_level
+        # SQLite in memory runs on a StaticPool, which rejects sizing arguments.
+        dialect = cast("type[DefaultDialect]", url.get_dialect().get_async_dialect_cls(url))
+        if issubclass(dialect.get_pool_class(url), QueuePool):
+            options.update(
+                pool_size=self.pool_size,
+                max_overflow=self.max_overflow,
+                pool_timeout=self.pool_timeout,
+                pool_use_lifo=self.pool_use_lifo,
+            )
+        connect_args = self._connect_args(url)
+        if connect_args:
+            options["connect_args"] = connect_args
+        return options
+
+    def _connect_args(self, url: URL) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        if url.drivername == "postgresql+asyncpg":
+            server_settings = {}
+            if self.application_name is not None:
+                server_settings["application_name"] = self.application_name
+            if self.statement_timeout is not None:
+                server_settings["statement_timeout"] = str(self.statement_timeout)
+            if server_settings:
+                args["server_settings"] = server_settings
+            if self.ssl is not None:
+                args["ssl"] = self.ssl
+            if self.pgbouncer:
+                args["statement_cache_size"] = 0
+        else:
+            for field, env in (
+                ("application_name", "APPLICATION_NAME"),
+                ("statement_timeout", "STATEMENT_TIMEOUT"),
+                ("ssl", "SSL"),
+                ("pgbouncer", "PGBOUNCER"),
+            ):
+                if getattr(self, field) not in (None, False):
+                    raise ValueError(ASYNCPG_ONLY.format(field=field, env=env, url=self.redacted_url))
+        if self.connect_timeout is not None:
+            args["timeout"] = self.connect_timeout
+        return args

@@ -1,0 +1,136 @@
+"""Fixtures: every behaviour test runs on PostgreSQL (asyncpg) and on SQLite (aiosqlite).
+
+Rows are read back through a second connection that does not go through SQLAlchemy (asyncpg directly,
+or the standard library's sqlite3), so that a test sees what the database really holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from asgi_db_session import Database
+from asgi_db_session._types import ASGIApp
+
+from .models import TABLE
+
+PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+PG_DSN = PG_URL.replace("postgresql+asyncpg://", "postgresql://")
+CREATE_TABLE = f"CREATE TABLE IF NOT EXISTS {TABLE} (id INTEGER PRIMARY KEY, name VARCHAR(100) NOT NULL UNIQUE)"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # SQLAlchemy's asyncio extension runs on asyncio only.
+    return "asyncio"
+
+
+def _pg_unreachable_reason() -> str | None:
+    async def probe() -> None:
+        connection = await asyncpg.connect(PG_DSN, timeout=5)
+        await connection.close()
+
+    try:
+        # In a thread of its own: this may be reached from inside a running event loop.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, probe()).result()
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        return f"PostgreSQL at {PG_DSN} does not answer ({type(exc).__name__}: {exc})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgresql_dsn() -> str:
+    """The DSN of the test PostgreSQL server; fails the test when CI is set and it does not answer."""
+    reason = _pg_unreachable_reason()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI is set, so the PostgreSQL tests must run. Start the server (.ci/run does).")
+        pytest.skip(f"{reason}; start it (pg_ctlcluster ... main start) or set TEST_DATABASE_URL")
+    return PG_DSN
+
+
+@dataclass
+class Backend:
+    """One database under test, and a second connection to check what it holds."""
+
+    name: str
+    url: str
+    dsn: str
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        if self.name == "postgresql":
+            connection = await asyncpg.connect(self.dsn)
+            try:
+                await connection.execute(sql, *args)
+            finally:
+                await connection.close()
+        else:
+            with closing(sqlite3.connect(self.dsn)) as connection, connection:
+                connection.execute(sql.replace("$1", "?"), args)
+
+    async def fetch(self, sql: str) -> list[tuple[Any, ...]]:
+        if self.name == "postgresql":
+            connection = await asyncpg.connect(self.dsn)
+            try:
+                return [tuple(row) for row in await connection.fetch(sql)]
+            finally:
+                await connection.close()
+        with closing(sqlite3.connect(self.dsn)) as connection:
+            return list(connection.execute(sql).fetchall())
+
+    async def names(self) -> list[str]:
+        """The names stored in the items table, sorted, as a second connection sees them."""
+        return sorted(row[0] for row in await self.fetch(f"SELECT name FROM {TABLE}"))
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """Each behaviour test runs once per backend, on an empty items table."""
+    if request.param == "postgresql":
+        dsn = request.getfixturevalue("postgresql_dsn")
+        selected = Backend("postgresql", PG_URL, dsn)
+        connection = await asyncpg.connect(dsn)
+        try:
+            # A leaked transaction from an earlier test would block TRUNCATE forever; fail fast instead.
+            await connection.execute("SET lock_timeout = '5s'")
+            await connection.execute(CREATE_TABLE)
+            await connection.execute(f"TRUNCATE {TABLE}")
+        finally:
+            await connection.close()
+    else:
+        path = tmp_path / "test.db"
+        selected = Backend("sqlite", f"sqlite+aiosqlite:///{path}", str(path))
+        await selected.execute(CREATE_TABLE)
+    yield selected
+
+
+@pytest.fixture
+async def database(backend: Backend) -> AsyncIterator[Database]:
+    """The default Database on the backend; at teardown every connection must be back in the pool."""
+    db = Database(backend.url)
+    yield db
+    if db._engine is not None:
+        assert db.engine.pool.checkedout() == 0, "a connection was not returned to the pool"  # type: ignore[attr-defined]
+    await db.dispose()
+
+
+def client(app: ASGIApp) -> httpx.AsyncClient:
+    """An httpx client that calls ``app`` in this test's event loop (no lifespan: httpx sends none)."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> Iterator[str]:
+    yield f"sqlite+aiosqlite:///{tmp_path / 'plain.db'}"
