@@ -41,14 +41,22 @@ def redact_url(raw: str) -> str:
 
 
 def _parse(raw: str) -> URL:
-    """Parse ``raw``, taking the credentials apart ourselves so a raw ``@`` in a password is kept whole."""
-    scheme, sep, rest = raw.partition("://")
-    at = rest.rfind("@")
-    if not sep or at == -1:
-        return make_url(raw)
-    user, _colon, password = rest[:at].partition(":")
-    url = make_url(f"{scheme}://{rest[at + 1 :]}")
-    return url.set(username=unquote(user) or None, password=unquote(password) if _colon else None)
+    """Parse ``raw``, keeping a raw ``@`` in the password whole.
+
+    SQLAlchemy's parser ends the password at the first ``@``, leaving the rest of it in the host; when the
+    host it finds holds an ``@``, split the credentials at the last ``@`` before the path instead.
+    """
+    url = make_url(raw)
+    if "@" not in (url.host or ""):
+        return url
+    scheme, _sep, rest = raw.partition("://")
+    first_at = rest.index("@")
+    path_start = min((i for i in (rest.find("/", first_at), rest.find("?", first_at)) if i != -1), default=len(rest))
+    at = rest.rfind("@", 0, path_start)
+    user, colon, password = rest[:at].partition(":")
+    return make_url(f"{scheme}://{rest[at + 1 :]}").set(
+        username=unquote(user) or None, password=unquote(password) if colon else None
+    )
 
 
 def to_async_url(raw: str) -> URL:

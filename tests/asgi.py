@@ -36,12 +36,15 @@ async def run_lifespan(app: ASGIApp, *, shutdown: bool = True) -> Channel:
     if shutdown:
         channel.queue.put_nowait({"type": "lifespan.shutdown"})
     scope: dict[str, Any] = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-    task = asyncio.create_task(app(scope, channel.receive, channel.send))
+
+    async def call() -> None:
+        await app(scope, channel.receive, channel.send)
+
+    task = asyncio.create_task(call())
     if shutdown:
         await asyncio.wait_for(task, timeout=10)
     else:
-        while "lifespan.startup.complete" not in channel.types() and "lifespan.startup.failed" not in channel.types():
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(channel.sent_event.wait(), timeout=10)  # the startup answer
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     return channel

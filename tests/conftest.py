@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,7 @@ class Backend:
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     """Each behaviour test runs once per backend, on an empty items table."""
     if request.param == "postgresql":
         dsn = request.getfixturevalue("postgresql_dsn")
@@ -113,7 +113,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         path = tmp_path / "test.db"
         selected = Backend("sqlite", f"sqlite+aiosqlite:///{path}", str(path))
         await selected.execute(CREATE_TABLE)
-    yield selected
+    return selected
 
 
 @pytest.fixture
@@ -126,11 +126,15 @@ async def database(backend: Backend) -> AsyncIterator[Database]:
     await db.dispose()
 
 
-def client(app: ASGIApp) -> httpx.AsyncClient:
-    """An httpx client that calls ``app`` in this test's event loop (no lifespan: httpx sends none)."""
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+def client(app: ASGIApp, *, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
+    """An httpx client that calls ``app`` in this test's event loop (no lifespan: httpx sends none).
+
+    With ``raise_app_exceptions=False`` it returns the response the app sent before raising.
+    """
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> Iterator[str]:
-    yield f"sqlite+aiosqlite:///{tmp_path / 'plain.db'}"
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'plain.db'}"

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from asgi_db_session import Database, DBSessionMiddleware, current_session
+from asgi_db_session import CommitFailedError, Database, DBSessionMiddleware, NoSessionError, current_session
+from asgi_db_session._types import Message, Receive, Scope, Send
 
+from .asgi import Channel, http_scope
 from .conftest import Backend, client
-from .models import Item
+from .models import TABLE, Item
 
 pytestmark = pytest.mark.anyio
 
@@ -73,3 +80,193 @@ async def test_sessions_differ_between_requests_and_are_shared_within_one(databa
         await http.get("/")
         await http.get("/")
     assert len(set(seen)) == 2
+
+
+async def test_a_request_that_never_asks_creates_no_session_and_no_connection(database: Database) -> None:
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("no database here")
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=True)
+    async with client(app) as http:
+        assert (await http.get("/")).text == "no database here"
+    # Neither a session factory nor an engine was needed, so neither exists.
+    assert database._sessionmaker is None
+    assert database._engine is None
+
+
+async def test_the_commit_happens_before_the_response_starts(backend: Backend, database: Database) -> None:
+    """The row is visible to another connection at the moment the server receives http.response.start."""
+    seen_at_start: list[list[str]] = []
+
+    async def recording_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            seen_at_start.append(await backend.names())
+
+    app = make_app(database, commit_on_success=True)
+    scope = http_scope("/add")
+    scope["query_string"] = b"id=1&name=early"
+    await app(scope, Channel([{"type": "http.request", "body": b""}]).receive, recording_send)
+    assert seen_at_start == [["early"]]
+
+
+async def test_an_exception_rolls_back_and_propagates(backend: Backend, database: Database) -> None:
+    async def endpoint(request: Request) -> Response:
+        current_session().add(Item(id=1, name="doomed"))
+        await current_session().flush()
+        raise LookupError("boom")
+
+    for commit_on_success in (False, True):
+        app = Starlette(routes=[Route("/", endpoint)])
+        app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=commit_on_success)
+        async with client(app) as http:
+            with pytest.raises(LookupError, match="boom"):
+                await http.get("/")
+        async with client(app, raise_app_exceptions=False) as http:
+            assert (await http.get("/")).status_code == 500
+    assert await backend.names() == []
+
+
+async def test_a_failed_commit_becomes_a_500_and_nothing_of_the_app_response_leaks(
+    backend: Backend, database: Database
+) -> None:
+    await backend.execute(f"INSERT INTO {TABLE} (id, name) VALUES (1, 'taken')")
+    background_ran: list[bool] = []
+
+    async def endpoint(request: Request) -> Response:
+        # autoflush is off: the duplicate reaches the database only in the middleware's commit.
+        current_session().add(Item(id=2, name="taken"))
+        response = JSONResponse({"created": True}, status_code=201, headers={"x-app": "yes"})
+        response.set_cookie("session", "abc")
+        response.background = BackgroundTask(lambda: background_ran.append(True))
+        return response
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=True)
+    async with client(app, raise_app_exceptions=False) as http:
+        response = await http.get("/")
+    assert response.status_code == 500
+    assert response.text == "Internal Server Error"
+    assert "x-app" not in response.headers
+    assert "set-cookie" not in response.headers
+    assert background_ran == [], "a background task ran for data that was not saved"
+    assert await backend.names() == ["taken"]
+
+    async with client(app) as http:
+        with pytest.raises(CommitFailedError, match="client got 500 instead of the app's 201") as caught:
+            await http.get("/")
+    assert isinstance(caught.value.__cause__, IntegrityError)
+
+
+async def test_an_app_that_swallows_the_commit_error_still_reports_it(backend: Backend, database: Database) -> None:
+    await backend.execute(f"INSERT INTO {TABLE} (id, name) VALUES (1, 'taken')")
+
+    async def swallowing_app(scope: Scope, receive: Receive, send: Send) -> None:
+        current_session().add(Item(id=2, name="taken"))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        except CommitFailedError:
+            await send({"type": "http.response.body", "body": b"dropped"})
+
+    app = DBSessionMiddleware(swallowing_app, database=database, commit_on_success=True)
+    channel = Channel([{"type": "http.request", "body": b""}])
+    with pytest.raises(CommitFailedError):
+        await app(http_scope(), channel.receive, channel.send)
+    assert [message.get("status") for message in channel.sent] == [500, None]
+    assert channel.sent[-1]["body"] == b"Internal Server Error"
+
+
+async def test_a_streaming_body_uses_the_session_until_its_last_chunk(backend: Backend, database: Database) -> None:
+    async def endpoint(request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            for number in range(3):
+                current_session().add(Item(id=number, name=f"streamed-{number}"))
+                await current_session().flush()
+                count = await current_session().scalar(select(func.count()).select_from(Item))
+                yield f"{count}\n".encode()
+
+        return StreamingResponse(body())
+
+    for commit_on_success, expected in ((False, []), (True, ["streamed-0", "streamed-1", "streamed-2"])):
+        app = Starlette(routes=[Route("/", endpoint)])
+        app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=commit_on_success)
+        async with client(app) as http:
+            assert (await http.get("/")).text == "1\n2\n3\n"
+        assert await backend.names() == expected
+
+
+async def test_a_failed_commit_while_streaming_cuts_the_response_short(backend: Backend, database: Database) -> None:
+    await backend.execute(f"INSERT INTO {TABLE} (id, name) VALUES (1, 'taken')")
+
+    async def endpoint(request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"first\n"
+            current_session().add(Item(id=2, name="taken"))
+            yield b"second\n"
+
+        return StreamingResponse(body())
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=True)
+    channel = Channel([{"type": "http.request", "body": b""}])
+    with pytest.raises(CommitFailedError, match="after the response had started"):
+        await app(http_scope(), channel.receive, channel.send)
+    bodies = [message for message in channel.sent if message["type"] == "http.response.body"]
+    assert all(message.get("more_body") for message in bodies), "the response must not look complete"
+    assert await backend.names() == ["taken"]
+
+
+async def test_background_tasks_share_the_request_session_and_follow_the_policy(
+    backend: Backend, database: Database
+) -> None:
+    sessions: list[AsyncSession] = []
+
+    async def in_background(name: str) -> None:
+        sessions.append(current_session())
+        current_session().add(Item(id=len(sessions), name=name))
+
+    async def endpoint(request: Request) -> Response:
+        sessions.append(current_session())
+        status = int(request.query_params["status"])
+        return PlainTextResponse("ok", status, background=BackgroundTask(in_background, f"bg-{status}"))
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=True)
+    async with client(app) as http:
+        await http.get("/", params={"status": 200})
+        assert sessions[0] is sessions[1]
+        sessions.clear()
+        await http.get("/", params={"status": 404})
+    assert await backend.names() == ["bg-200"]
+
+
+async def test_a_sync_endpoint_in_the_threadpool_sees_the_request_session(database: Database) -> None:
+    sessions: list[AsyncSession] = []
+
+    def sync_endpoint(request: Request) -> Response:
+        sessions.append(current_session())
+        return PlainTextResponse("ok", background=BackgroundTask(lambda: sessions.append(current_session())))
+
+    async def outer(scope: Scope, receive: Receive, send: Send) -> None:
+        await inner(scope, receive, send)
+        sessions.append(current_session())
+
+    inner = Starlette(routes=[Route("/", sync_endpoint)])
+    app = DBSessionMiddleware(outer, database=database)
+    async with client(app) as http:
+        assert (await http.get("/")).status_code == 200
+    assert len(sessions) == 3
+    assert sessions[0] is sessions[1] is sessions[2]
+
+
+async def test_other_scope_types_pass_through(database: Database) -> None:
+    received: list[str] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        received.append(scope["type"])
+        with pytest.raises(NoSessionError):
+            current_session()
+
+    app = DBSessionMiddleware(inner, database=database)
+    await app({"type": "custom"}, Channel().receive, Channel().send)
+    assert received == ["custom"]

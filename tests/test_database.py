@@ -1,0 +1,146 @@
+"""Database and the middleware's constructor: engine sources, session defaults, ping, check, dispose."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from asgi_db_session import (
+    Database,
+    DatabaseSettings,
+    DatabaseUnavailableError,
+    DBSessionMiddleware,
+    current_session,
+    session_scope,
+)
+
+from .conftest import Backend, client
+
+pytestmark = pytest.mark.anyio
+
+UNREACHABLE = "postgresql+asyncpg://app:Zx9q7WvPw@127.0.0.1:1/test"
+
+
+async def noop(scope: object, receive: object, send: object) -> None:  # pragma: no cover - never called
+    pass
+
+
+def test_two_engine_sources_are_refused(sqlite_url: str) -> None:
+    engine = create_async_engine(sqlite_url)
+    with pytest.raises(ValueError, match="one engine source, got url and engine"):
+        Database(sqlite_url, engine=engine)
+    with pytest.raises(ValueError, match="got database and url: pass only one of database="):
+        DBSessionMiddleware(noop, database=Database(sqlite_url), url=sqlite_url)
+    with pytest.raises(ValueError, match="got engine and settings"):
+        DBSessionMiddleware(noop, engine=engine, settings=DatabaseSettings(url=sqlite_url))
+
+
+def test_conflicting_middleware_arguments_are_refused(sqlite_url: str) -> None:
+    database = Database(sqlite_url, name="main")
+    with pytest.raises(ValueError, match="does not match the name of database="):
+        DBSessionMiddleware(noop, database=database, name="other")
+    with pytest.raises(ValueError, match="give session_options= to Database"):
+        DBSessionMiddleware(noop, database=database, session_options={"autoflush": True})
+    with pytest.raises(ValueError, match="engine_options= applies to an engine that Database creates"):
+        Database(engine=create_async_engine(sqlite_url), engine_options={"echo": True})
+
+
+def test_without_arguments_the_url_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, sqlite_url: str) -> None:
+    monkeypatch.setenv("DATABASE_URL", sqlite_url)
+    middleware = DBSessionMiddleware(noop)
+    assert middleware.database.redacted_url == sqlite_url
+    monkeypatch.delenv("DATABASE_URL")
+    with pytest.raises(ValueError, match="No database URL: set the DATABASE_URL environment variable"):
+        DBSessionMiddleware(noop)
+
+
+async def test_app_add_middleware_without_arguments_serves_requests(
+    monkeypatch: pytest.MonkeyPatch, backend: Backend
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", backend.url)
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse(str(await current_session().scalar(text("SELECT 40 + 2"))))
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(DBSessionMiddleware)
+    async with client(app) as http:
+        assert (await http.get("/")).text == "42"
+    # The middleware registered its Database, so the engine can be disposed from here.
+    async with session_scope() as session:
+        await session.close()
+        await session.bind.dispose()  # type: ignore[union-attr]
+
+
+def test_repr_masks_the_password() -> None:
+    database = Database(UNREACHABLE)
+    assert "Zx9q7WvPw" not in repr(database)
+    assert "app:***@127.0.0.1:1" in repr(database)
+    middleware = DBSessionMiddleware(noop, database=database)
+    assert "Zx9q7WvPw" not in repr(middleware)
+    engine_database = Database(engine=create_async_engine(UNREACHABLE))
+    assert "Zx9q7WvPw" not in repr(engine_database)
+
+
+async def test_session_defaults_and_overrides(database: Database, sqlite_url: str) -> None:
+    session = database.new_session()
+    assert session.sync_session.expire_on_commit is False
+    assert session.sync_session.autoflush is False
+    await session.close()
+    custom = Database(sqlite_url, session_options={"expire_on_commit": True})
+    session = custom.new_session()
+    assert session.sync_session.expire_on_commit is True
+    assert session.sync_session.autoflush is False
+    await session.close()
+
+
+async def test_the_engine_is_created_on_first_use_not_at_construction(backend: Backend) -> None:
+    database = Database(backend.url)
+    before = database._engine
+    assert await database.ping() is True
+    assert before is None
+    assert database._engine is not None
+    await database.dispose()
+    # A disposed engine opens a fresh pool when used again.
+    assert await database.ping() is True
+    await database.dispose()
+
+
+async def test_an_unreachable_database_is_reported_without_the_password() -> None:
+    database = Database(UNREACHABLE)
+    assert await database.ping(timeout=5) is False
+    with pytest.raises(DatabaseUnavailableError) as caught:
+        await database.check(timeout=5)
+    message = str(caught.value)
+    assert "Cannot reach database 'default' at postgresql+asyncpg://app:***@127.0.0.1:1/test" in message
+    assert "Zx9q" not in message
+    assert caught.value.__cause__ is None
+    await database.dispose()
+
+
+async def test_a_check_that_takes_too_long_times_out(postgresql_dsn: str) -> None:
+    # A server that accepts the connection and never answers the startup message.
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    database = Database(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/test")
+    try:
+        with pytest.raises(DatabaseUnavailableError, match="timed out"):
+            await database.check(timeout=0.3)
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+        await database.dispose()

@@ -1,0 +1,153 @@
+"""current_session() and session_scope(): which session a piece of code gets, and when it is closed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from asgi_db_session import Database, DBSessionMiddleware, NoSessionError, current_session, session_scope
+from asgi_db_session.exceptions import NO_DATABASE, NO_SCOPE, SCOPE_ENDED
+
+from .conftest import Backend, client
+from .models import Item
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_outside_any_scope_the_error_says_how_to_get_a_session() -> None:
+    with pytest.raises(NoSessionError) as caught:
+        current_session("nowhere")
+    assert isinstance(caught.value, RuntimeError)
+    assert str(caught.value) == NO_SCOPE.format(name="nowhere")
+    assert "DBSessionMiddleware" in str(caught.value)
+    assert "session_scope" in str(caught.value)
+
+
+async def test_session_scope_for_a_database_nobody_created_names_the_fix() -> None:
+    with pytest.raises(NoSessionError) as caught:
+        async with session_scope("never-created"):
+            pass  # pragma: no cover - the scope cannot open
+    assert str(caught.value) == NO_DATABASE.format(name="never-created")
+
+
+async def test_session_scope_outside_a_request(backend: Backend, database: Database) -> None:
+    async with session_scope() as session:
+        assert current_session() is session
+        session.add(Item(id=1, name="rolled-back"))
+    with pytest.raises(NoSessionError):
+        current_session()
+    async with session_scope(commit=True) as session:
+        session.add(Item(id=2, name="kept"))
+    assert await backend.names() == ["kept"]
+    assert session.sync_session.get_bind() is database.engine.sync_engine
+
+
+async def test_session_scope_rolls_back_when_the_block_raises(backend: Backend, database: Database) -> None:
+    async def failing_block() -> None:
+        async with session_scope(commit=True) as session:
+            session.add(Item(id=1, name="lost"))
+            await session.flush()
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        await failing_block()
+    assert await backend.names() == []
+
+
+async def test_session_scope_follows_the_database_policy_by_default(backend: Backend) -> None:
+    database = Database(backend.url, commit_on_success=True)
+    try:
+        async with session_scope() as session:
+            session.add(Item(id=1, name="by-policy"))
+        async with session_scope(commit=False) as session:
+            session.add(Item(id=2, name="overridden"))
+        assert await backend.names() == ["by-policy"]
+    finally:
+        await database.dispose()
+
+
+async def test_nested_scopes_shadow_and_restore(database: Database) -> None:
+    async with session_scope() as outer:
+        async with session_scope() as inner:
+            assert inner is not outer
+            assert current_session() is inner
+        assert current_session() is outer
+
+
+async def test_concurrent_tasks_each_open_their_own_scope_inside_a_request(database: Database) -> None:
+    async def count(delay: float) -> tuple[int, AsyncSession]:
+        async with session_scope() as session:
+            await asyncio.sleep(delay)
+            value = await current_session().scalar(select(text("1")))
+            assert value == 1
+            return id(current_session()), session
+
+    async def endpoint(request: Request) -> Response:
+        request_session = current_session()
+        results = await asyncio.gather(count(0.02), count(0.01), count(0))
+        assert current_session() is request_session
+        assert len({session_id for session_id, _ in results}) == 3
+        assert request_session not in {session for _, session in results}
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(DBSessionMiddleware, database=database)
+    async with client(app) as http:
+        assert (await http.get("/")).text == "ok"
+
+
+async def test_inside_a_request_session_scope_uses_the_request_database(backend: Backend, database: Database) -> None:
+    # A Database created later under the same name must not divert the request's scopes.
+    other = Database("sqlite+aiosqlite:///:memory:")
+    engines = []
+
+    async def endpoint(request: Request) -> Response:
+        async with session_scope() as session:
+            engines.append(session.sync_session.get_bind())
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(DBSessionMiddleware, database=database)
+    async with client(app) as http:
+        await http.get("/")
+    assert engines == [database.engine.sync_engine]
+    await other.dispose()
+
+
+async def test_a_task_that_outlives_its_request_is_told_to_open_its_own_scope(database: Database) -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+    outcome: list[BaseException | AsyncSession] = []
+
+    async def orphan() -> None:
+        started.set()
+        await release.wait()
+        try:
+            outcome.append(current_session())
+        except NoSessionError as exc:
+            outcome.append(exc)
+
+    tasks: list[asyncio.Task[None]] = []
+
+    async def endpoint(request: Request) -> Response:
+        current_session()
+        tasks.append(asyncio.create_task(orphan()))
+        await started.wait()
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(DBSessionMiddleware, database=database)
+    async with client(app) as http:
+        await http.get("/")
+    release.set()
+    await tasks[0]
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], NoSessionError)
+    assert str(outcome[0]) == SCOPE_ENDED.format(name="default")

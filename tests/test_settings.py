@@ -1,0 +1,170 @@
+"""DatabaseSettings: environment variables, driver choice, engine options, and no password anywhere."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from pydantic import ValidationError
+
+from asgi_db_session import DatabaseSettings
+from asgi_db_session._urls import redact_url, to_async_url
+
+PASSWORD = "Zx9-q7Wv@Pw"  # no dictionary words (SecretStr's repr says "Secret"), and a raw "@"
+PIECES = {PASSWORD[i : i + 4] for i in range(len(PASSWORD) - 3)}
+
+
+def assert_no_password(text: str) -> None:
+    leaked = sorted(piece for piece in PIECES if piece in text)
+    assert not leaked, f"password pieces {leaked} in {text!r}"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("URL", "POOL_SIZE", "MAX_OVERFLOW", "ECHO", "POOL_PRE_PING", "APPLICATION_NAME"):
+        monkeypatch.delenv(f"DATABASE_{name}", raising=False)
+
+
+def test_fields_come_from_database_prefixed_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app@db.internal:5432/shop")
+    monkeypatch.setenv("DATABASE_POOL_SIZE", "7")
+    monkeypatch.setenv("DATABASE_POOL_PRE_PING", "false")
+    settings = DatabaseSettings()
+    assert settings.url == "postgresql+asyncpg://app@db.internal:5432/shop"
+    assert settings.pool_size == 7
+    assert settings.pool_pre_ping is False
+
+
+def test_defaults_match_the_design() -> None:
+    settings = DatabaseSettings()
+    assert settings.url is None
+    assert (settings.pool_size, settings.max_overflow, settings.pool_timeout) == (5, 10, 30.0)
+    assert (settings.pool_pre_ping, settings.pool_recycle, settings.echo) == (True, -1, False)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgresql://u@h/d", "postgresql+asyncpg://u@h/d"),
+        ("postgres://u@h/d", "postgresql+asyncpg://u@h/d"),
+        ("postgresql+asyncpg://u@h/d", "postgresql+asyncpg://u@h/d"),
+        ("sqlite:///./app.db", "sqlite+aiosqlite:///./app.db"),
+        ("sqlite://", "sqlite+aiosqlite://"),
+    ],
+)
+def test_a_url_without_an_async_driver_gets_one(given: str, expected: str) -> None:
+    assert DatabaseSettings(url=given).url == expected
+
+
+@pytest.mark.parametrize(
+    ("given", "advice"),
+    [
+        ("postgresql+psycopg2://u:p@h/d", "write postgresql+asyncpg://"),
+        ("mysql+pymysql://u:p@h/d", "write mysql+aiomysql://"),
+        ("sqlite+pysqlite:///x.db", "write sqlite+aiosqlite://"),
+    ],
+)
+def test_a_sync_driver_is_an_error_that_says_what_to_write(given: str, advice: str) -> None:
+    with pytest.raises(ValueError, match="is a synchronous driver") as caught:
+        to_async_url(given)
+    assert advice in str(caught.value)
+    with pytest.raises(ValidationError, match=re.escape(advice)):
+        DatabaseSettings(url=given)
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("not a url", "is not a database URL"),
+        ("postgresql+nodriver://u@h/d", "Unknown database driver 'postgresql+nodriver'"),
+        ("oracle://u@h/d", "No async driver is known for 'oracle'"),
+    ],
+)
+def test_other_bad_urls_are_explained(given: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        to_async_url(given)
+
+
+def test_a_raw_at_sign_in_the_password_is_kept_whole() -> None:
+    url = to_async_url(f"postgresql://app:{PASSWORD}@db.internal/shop")
+    assert url.password == PASSWORD
+    assert url.host == "db.internal"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://app:{PASSWORD}@db.internal/shop",
+        f"postgresql+psycopg2://app:{PASSWORD}@db.internal/shop",
+        "postgresql://app:Zx9-q7Wv%40Pw@db.internal/shop",
+        f"app:{PASSWORD}@db.internal/shop",
+        f"postgresql://db.internal/shop?user=app&password={PASSWORD}",
+    ],
+)
+def test_the_password_never_shows(url: str) -> None:
+    assert_no_password(redact_url(url).replace("%40", "@"))
+    try:
+        settings = DatabaseSettings(url=url)
+    except ValidationError as exc:
+        assert_no_password(str(exc))
+        assert_no_password(repr(exc))
+    else:
+        for text in (repr(settings), str(settings), settings.redacted_url):
+            assert_no_password(text)
+            assert_no_password(text.replace("%40", "@"))
+
+
+def test_engine_options_follow_the_settings() -> None:
+    settings = DatabaseSettings(
+        url="postgresql://u@h/d",
+        pool_size=3,
+        max_overflow=0,
+        pool_timeout=2.5,
+        statement_timeout=1500,
+        application_name="billing",
+        connect_timeout=4,
+        ssl="require",
+        isolation_level="SERIALIZABLE",
+    )
+    options = settings.engine_options()
+    assert options["pool_size"] == 3
+    assert options["max_overflow"] == 0
+    assert options["pool_timeout"] == 2.5
+    assert options["isolation_level"] == "SERIALIZABLE"
+    assert options["connect_args"] == {
+        "server_settings": {"application_name": "billing", "statement_timeout": "1500"},
+        "ssl": "require",
+        "timeout": 4,
+    }
+
+
+def test_pgbouncer_mode_turns_off_both_statement_caches() -> None:
+    settings = DatabaseSettings(url="postgresql://u@h/d", pgbouncer=True)
+    assert settings.engine_options()["connect_args"] == {"statement_cache_size": 0}
+    assert settings.engine_url().query["prepared_statement_cache_size"] == "0"
+
+
+def test_sqlite_in_memory_gets_no_pool_sizing() -> None:
+    options = DatabaseSettings(url="sqlite:///:memory:").engine_options()
+    assert "pool_size" not in options
+    assert "pool_size" in DatabaseSettings(url="sqlite:///file.db").engine_options()
+
+
+def test_postgres_only_settings_on_sqlite_are_an_error_not_ignored() -> None:
+    settings = DatabaseSettings(url="sqlite:///file.db", statement_timeout=100)
+    expected = r"statement_timeout \(DATABASE_STATEMENT_TIMEOUT\) is supported on PostgreSQL"
+    with pytest.raises(ValueError, match=expected):
+        settings.engine_options()
+
+
+def test_a_bad_number_names_the_field_and_hides_the_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_POOL_SIZE", "abc")
+    with pytest.raises(ValidationError, match="pool_size") as caught:
+        DatabaseSettings(url=f"postgresql://app:{PASSWORD}@h/d")
+    assert "abc" not in str(caught.value)
+    assert_no_password(str(caught.value))
+
+
+def test_no_url_is_a_clear_error_when_an_engine_is_needed() -> None:
+    with pytest.raises(ValueError, match="set the DATABASE_URL environment variable"):
+        DatabaseSettings().engine_url()
