@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
@@ -51,14 +51,23 @@ def _pg_unreachable_reason() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def postgresql_dsn() -> str:
+def postgresql_dsn() -> Iterator[str]:
     """The DSN of the test PostgreSQL server; fails the test when CI is set and it does not answer."""
     reason = _pg_unreachable_reason()
     if reason is not None:
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; CI is set, so the PostgreSQL tests must run. Start the server (.ci/run does).")
         pytest.skip(f"{reason}; start it (pg_ctlcluster ... main start) or set TEST_DATABASE_URL")
-    return PG_DSN
+    yield PG_DSN
+
+    async def drop_table() -> None:
+        connection = await asyncpg.connect(PG_DSN)
+        try:
+            await connection.execute(f"DROP TABLE IF EXISTS {TABLE}")
+        finally:
+            await connection.close()
+
+    asyncio.run(drop_table())
 
 
 @dataclass

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 from sqlalchemy import String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-TABLE = "adbs_items"
+# One table per test run, so that two runs against the same server (two checkouts, a CI run beside a
+# developer's) do not truncate each other's rows.
+TABLE = f"adbs_items_{os.getpid()}"
 
 
 class Base(DeclarativeBase):
