@@ -5,7 +5,7 @@ in a router, service or repository.
 """
 
 from ._context import current_session
-from .database import Database
+from .database import Database, get_database
 from .exceptions import CommitFailedError, DatabaseUnavailableError, NoSessionError
 from .middleware import DBSessionMiddleware
 from .scope import session_scope
@@ -22,5 +22,6 @@ __all__ = [
     "NoSessionError",
     "__version__",
     "current_session",
+    "get_database",
     "session_scope",
 ]

@@ -18,8 +18,12 @@ SESSION_DEFAULTS: Mapping[str, Any] = {"expire_on_commit": False, "autoflush": F
 _registry: dict[str, Database] = {}
 
 
-def registered_database(name: str) -> Database:
-    """The Database most recently created under ``name``; NoSessionError when there is none."""
+def get_database(name: str = "default") -> Database:
+    """The Database most recently created under ``name`` (the middleware creates one when not given one).
+
+    For what needs the database itself rather than a session: a health check (``ping()``), ``create_all``
+    at startup, a script's ``dispose()``. NoSessionError when no Database of that name exists.
+    """
     try:
         return _registry[name]
     except KeyError:

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ._context import ScopeState, scope_var
 from ._finish import finish
-from .database import registered_database
+from .database import get_database
 
 
 class _SessionScope(AbstractAsyncContextManager[AsyncSession]):
@@ -23,7 +23,7 @@ class _SessionScope(AbstractAsyncContextManager[AsyncSession]):
         var = scope_var(self._name)
         outer = var.get()
         # Inside a request, the request's database wins over the registry: it is the one this app runs on.
-        database = outer.database if outer is not None else registered_database(self._name)
+        database = outer.database if outer is not None else get_database(self._name)
         session = database.new_session()
         self._state = ScopeState(database, session)
         self._token = var.set(self._state)

@@ -18,6 +18,7 @@ from asgi_db_session import (
     DatabaseUnavailableError,
     DBSessionMiddleware,
     current_session,
+    get_database,
     session_scope,
 )
 
@@ -73,10 +74,12 @@ async def test_app_add_middleware_without_arguments_serves_requests(
     app.add_middleware(DBSessionMiddleware)
     async with client(app) as http:
         assert (await http.get("/")).text == "42"
-    # The middleware registered its Database, so the engine can be disposed from here.
+    # The middleware registered the Database it built, so the app can reach it.
+    database = get_database()
+    assert database.redacted_url == backend.url
     async with session_scope() as session:
-        await session.close()
-        await session.bind.dispose()  # type: ignore[union-attr]
+        assert session.bind is database.engine
+    await database.dispose()
 
 
 def test_repr_masks_the_password() -> None:
