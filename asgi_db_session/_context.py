@@ -31,10 +31,12 @@ def scope_var(name: str) -> ContextVar[ScopeState | None]:
 class ScopeState:
     """One scope's session: created on first use, then given up exactly once by ``end()``."""
 
-    __slots__ = ("database", "ended", "session")
+    __slots__ = ("commit_on_success", "database", "ended", "session")
 
-    def __init__(self, database: Database, session: AsyncSession | None = None) -> None:
+    def __init__(self, database: Database, commit_on_success: bool, session: AsyncSession | None = None) -> None:
         self.database = database
+        # The policy of this scope: a session_scope() opened inside it follows it unless told otherwise.
+        self.commit_on_success = commit_on_success
         self.session = session
         self.ended = False
 

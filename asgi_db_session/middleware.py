@@ -17,8 +17,9 @@ from .settings import DatabaseSettings
 # Messages that end an HTTP response: the last chance to fail it visibly if a late commit fails.
 _FINAL_BODY_TYPES = frozenset({"http.response.body", "http.response.pathsend", "http.response.zerocopysend"})
 _START_TYPES = frozenset({"http.response.start", "websocket.http.response.start"})
-# Close codes that end a WebSocket normally; any other code rolls the connection's work back.
-_NORMAL_CLOSE_CODES = frozenset({1000, 1001})
+# Close codes that end a WebSocket normally; any other code rolls the connection's work back. 1005 is what a
+# server reports for a close frame that carried no code, as a client's plain close() sends.
+_NORMAL_CLOSE_CODES = frozenset({1000, 1001, 1005})
 _SHUTDOWN_TYPES = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 _ERROR_BODY = b"Internal Server Error"
 _ERROR_START: Message = {
@@ -99,7 +100,7 @@ class DBSessionMiddleware:
 
     async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Manual policy: the app commits what it wants; whatever is left open is rolled back at the end."""
-        state = ScopeState(self.database)
+        state = ScopeState(self.database, self.commit_on_success)
         token = self._var.set(state)
         try:
             await self.app(scope, receive, send)
@@ -111,7 +112,7 @@ class DBSessionMiddleware:
 
     async def _run_committing(self, scope: Scope, receive: Receive, send: Send) -> None:
         """commit_on_success policy; see the class docstring."""
-        state = ScopeState(self.database)
+        state = ScopeState(self.database, self.commit_on_success)
         token = self._var.set(state)
         name = self.database.name
         started = False  # the response (or the WebSocket) got going: work may be committed at the end
@@ -157,6 +158,18 @@ class DBSessionMiddleware:
                 keep = False
             await send(message)
 
+        if scope["type"] == "websocket":
+            websocket_receive = receive
+
+            async def receive_wrapper() -> Message:
+                nonlocal keep
+                message = await websocket_receive()
+                if message["type"] == "websocket.disconnect" and message.get("code", 1005) not in _NORMAL_CLOSE_CODES:
+                    keep = False  # the client went away abnormally (1006: the connection dropped)
+                return message
+
+            receive = receive_wrapper
+
         try:
             await self.app(scope, receive, send_wrapper)
         except BaseException:
@@ -174,19 +187,25 @@ class DBSessionMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Let the app's lifespan run unchanged; check the database at startup, dispose it at shutdown."""
         database = self.database
+        first = await receive()
+        if first["type"] == "lifespan.startup":
+            # Before the app's own startup runs: when the database is unusable the app starts nothing that
+            # would need shutting down, since a server sends no lifespan.shutdown after a failed startup.
+            try:
+                database.engine  # noqa: B018 - created here, once, rather than by the first request
+                if database.check_on_startup:
+                    await database.check()
+            except Exception as exc:
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+        pending: list[Message] = [first]
+
+        async def receive_wrapper() -> Message:
+            return pending.pop() if pending else await receive()
 
         async def send_wrapper(message: Message) -> None:
-            message_type = message["type"]
-            if message_type == "lifespan.startup.complete":
-                try:
-                    database.engine  # noqa: B018 - created here, once, rather than by the first request
-                    if database.check_on_startup:
-                        await database.check()
-                except Exception as exc:
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-            elif message_type in _SHUTDOWN_TYPES and self.dispose_on_shutdown:
+            if message["type"] in _SHUTDOWN_TYPES and self.dispose_on_shutdown:
                 await database.dispose()
             await send(message)
 
-        await self.app(scope, receive, send_wrapper)
+        await self.app(scope, receive_wrapper, send_wrapper)

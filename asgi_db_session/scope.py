@@ -23,9 +23,13 @@ class _SessionScope(AbstractAsyncContextManager[AsyncSession]):
         var = scope_var(self._name)
         outer = var.get()
         # Inside a request, the request's database wins over the registry: it is the one this app runs on.
-        database = outer.database if outer is not None else get_database(self._name)
+        if outer is not None:
+            database, policy = outer.database, outer.commit_on_success
+        else:
+            database = get_database(self._name)
+            policy = database.commit_on_success
         session = database.new_session()
-        self._state = ScopeState(database, session)
+        self._state = ScopeState(database, policy if self._commit is None else self._commit, session)
         self._token = var.set(self._state)
         return session
 
@@ -35,8 +39,7 @@ class _SessionScope(AbstractAsyncContextManager[AsyncSession]):
         scope_var(self._name).reset(self._token)
         session = self._state.end()
         assert session is not None
-        commit = self._state.database.commit_on_success if self._commit is None else self._commit
-        await finish(session, commit=commit and exc_type is None)
+        await finish(session, commit=self._state.commit_on_success and exc_type is None)
 
 
 def session_scope(name: str = "default", *, commit: bool | None = None) -> AbstractAsyncContextManager[AsyncSession]:
@@ -44,7 +47,8 @@ def session_scope(name: str = "default", *, commit: bool | None = None) -> Abstr
 
     Works in scripts, workers and tests (the database must exist: a ``Database`` created, or the middleware
     added) and inside requests, where each of several concurrent tasks (``asyncio.gather``) opens its own.
-    On leaving the block the session commits when ``commit`` is true (default: the database's
-    ``commit_on_success``) and no exception is propagating, rolls back otherwise, and is always closed.
+    On leaving the block the session commits when ``commit`` is true and no exception is propagating, rolls
+    back otherwise, and is always closed. ``commit=None`` follows the scope around the block: inside a
+    request, the middleware's ``commit_on_success``; elsewhere, the database's.
     """
     return _SessionScope(name, commit)

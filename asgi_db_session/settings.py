@@ -46,6 +46,10 @@ class DatabaseSettings(BaseSettings):
     """Seconds to wait for a new connection (asyncpg's ``timeout``, aiosqlite's ``timeout``)."""
     statement_timeout: int | None = Field(default=None, ge=0)
     """Milliseconds after which PostgreSQL cancels a statement (asyncpg only)."""
+    client_connection_check_interval: int | None = Field(default=None, ge=0)
+    """Milliseconds between PostgreSQL's checks, while a statement runs, that the client is still there
+    (PostgreSQL 14+ on Linux, macOS or BSD; asyncpg only). A statement whose request was cancelled so abruptly
+    that its cancel request was lost then stops within this interval instead of running to its end."""
     application_name: str | None = None
     """Shown in ``pg_stat_activity.application_name`` (asyncpg only)."""
     ssl: SslMode | None = None
@@ -113,6 +117,8 @@ class DatabaseSettings(BaseSettings):
                 server_settings["application_name"] = self.application_name
             if self.statement_timeout is not None:
                 server_settings["statement_timeout"] = str(self.statement_timeout)
+            if self.client_connection_check_interval is not None:
+                server_settings["client_connection_check_interval"] = str(self.client_connection_check_interval)
             if server_settings:
                 args["server_settings"] = server_settings
             if self.ssl is not None:
@@ -123,6 +129,7 @@ class DatabaseSettings(BaseSettings):
             for field, env in (
                 ("application_name", "APPLICATION_NAME"),
                 ("statement_timeout", "STATEMENT_TIMEOUT"),
+                ("client_connection_check_interval", "CLIENT_CONNECTION_CHECK_INTERVAL"),
                 ("ssl", "SSL"),
                 ("pgbouncer", "PGBOUNCER"),
             ):

@@ -51,9 +51,7 @@ def make_app(database: Database) -> tuple[FastAPI, list[AsyncSession]]:
     return app, seen
 
 
-async def test_fastapi_commits_a_success_and_rolls_back_an_http_exception(
-    backend: Backend, database: Database
-) -> None:
+async def test_fastapi_commits_a_success_and_rolls_back_an_http_exception(backend: Backend, database: Database) -> None:
     app, seen = make_app(database)
     async with client(app) as http:
         assert (await http.post("/items", json={"id": 1, "name": "good"})).status_code == 201

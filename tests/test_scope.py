@@ -73,6 +73,28 @@ async def test_session_scope_follows_the_database_policy_by_default(backend: Bac
         await database.dispose()
 
 
+async def test_inside_a_request_session_scope_follows_the_middleware_policy(
+    backend: Backend, database: Database
+) -> None:
+    async def endpoint(request: Request) -> Response:
+        async with session_scope() as session:
+            session.add(Item(id=1, name="middleware-policy"))
+        async with session_scope(commit=False) as session:
+            session.add(Item(id=2, name="told-not-to"))
+        return PlainTextResponse("ok")
+
+    # The Database's own policy is not to commit; the middleware's says commit, and the request follows it.
+    assert database.commit_on_success is False
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=True)
+    async with client(app) as http:
+        await http.get("/")
+    assert await backend.names() == ["middleware-policy"]
+    async with session_scope() as session:
+        session.add(Item(id=3, name="outside-a-request"))
+    assert await backend.names() == ["middleware-policy"]
+
+
 async def test_nested_scopes_shadow_and_restore(database: Database) -> None:
     async with session_scope() as outer:
         async with session_scope() as inner:

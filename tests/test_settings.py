@@ -121,6 +121,7 @@ def test_engine_options_follow_the_settings() -> None:
         max_overflow=0,
         pool_timeout=2.5,
         statement_timeout=1500,
+        client_connection_check_interval=250,
         application_name="billing",
         connect_timeout=4,
         ssl="require",
@@ -132,7 +133,11 @@ def test_engine_options_follow_the_settings() -> None:
     assert options["pool_timeout"] == 2.5
     assert options["isolation_level"] == "SERIALIZABLE"
     assert options["connect_args"] == {
-        "server_settings": {"application_name": "billing", "statement_timeout": "1500"},
+        "server_settings": {
+            "application_name": "billing",
+            "statement_timeout": "1500",
+            "client_connection_check_interval": "250",
+        },
         "ssl": "require",
         "timeout": 4,
     }
