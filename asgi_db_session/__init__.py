@@ -6,6 +6,7 @@ in a router, service or repository.
 
 from ._context import current_session
 from .database import Database, get_database
+from .error_responses import ErrorResponse, default_error_response
 from .exceptions import CommitFailedError, DatabaseUnavailableError, NoSessionError
 from .middleware import DBSessionMiddleware
 from .scope import session_scope
@@ -19,9 +20,11 @@ __all__ = [
     "Database",
     "DatabaseSettings",
     "DatabaseUnavailableError",
+    "ErrorResponse",
     "NoSessionError",
     "__version__",
     "current_session",
+    "default_error_response",
     "get_database",
     "session_scope",
 ]

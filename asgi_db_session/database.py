@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from ._urls import redact_url
 from .exceptions import NO_DATABASE, DatabaseUnavailableError, NoSessionError
-from .settings import DatabaseSettings
+from .settings import DatabaseSettings, settings_from_environment
 
 # Recommended for async code: no lazy loads after commit, no implicit IO from autoflush.
 SESSION_DEFAULTS: Mapping[str, Any] = {"expire_on_commit": False, "autoflush": False}
@@ -60,7 +60,7 @@ class Database:
             raise ValueError("engine_options= applies to an engine that Database creates; it got engine= instead.")
         if engine is None:
             if settings is None:
-                settings = DatabaseSettings() if url is None else DatabaseSettings(url=url)
+                settings = settings_from_environment() if url is None else settings_from_environment(url=url)
             # Fails here, at construction, rather than at the first request.
             settings.engine_options()
         self.name = name

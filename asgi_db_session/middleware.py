@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,6 +12,7 @@ from ._context import ScopeState, scope_var
 from ._finish import commit, finish
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .database import Database
+from .error_responses import INTERNAL_SERVER_ERROR, ErrorResponse, ErrorResponseMapper, default_error_response
 from .exceptions import COMMIT_FAILED, COMMIT_FAILED_LATE, CommitFailedError
 from .settings import DatabaseSettings
 
@@ -21,12 +23,22 @@ _START_TYPES = frozenset({"http.response.start", "websocket.http.response.start"
 # server reports for a close frame that carried no code, as a client's plain close() sends.
 _NORMAL_CLOSE_CODES = frozenset({1000, 1001, 1005})
 _SHUTDOWN_TYPES = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
-_ERROR_BODY = b"Internal Server Error"
-_ERROR_START: Message = {
-    "type": "http.response.start",
-    "status": 500,
-    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(_ERROR_BODY)).encode())],
-}
+
+logger = logging.getLogger("asgi_db_session")
+
+
+def _log_answered(scope: Scope, error: BaseException, response: ErrorResponse) -> None:
+    # The driver's first line ("duplicate key value violates unique constraint ...") says what happened;
+    # SQLAlchemy's full text would add the statement's parameters, which may hold personal data.
+    reason = str(getattr(error, "orig", None) or error).split("\n", 1)[0]
+    logger.warning(
+        "%s %s answered %d: %s: %s",
+        scope.get("method", ""),
+        scope.get("path", ""),
+        response.status,
+        type(error).__name__,
+        reason,
+    )
 
 
 class DBSessionMiddleware:
@@ -37,8 +49,12 @@ class DBSessionMiddleware:
     ``current_session()`` call of a request, so a request that never asks for one costs no connection.
 
     ``commit_on_success=True`` commits before the response starts when its status is below 400, and turns a
-    failed commit into a 500 (the app's own response is never sent); a status of 400 or more, or an
-    exception, rolls back. ``None`` takes the policy of ``database``, which defaults to not committing.
+    failed commit into an error response (the app's own response is never sent); a status of 400 or more,
+    or an exception, rolls back. ``None`` takes the policy of ``database``, which defaults to not committing.
+
+    ``error_response`` maps a database error (from the failed commit, or escaping the app before its
+    response started) to the response the client gets: 409 for a unique violation, 503 with Retry-After for
+    what a retry can fix (see ``default_error_response``); None leaves it a 500.
     """
 
     def __init__(
@@ -53,6 +69,7 @@ class DBSessionMiddleware:
         commit_on_success: bool | None = None,
         session_options: Mapping[str, Any] | None = None,
         dispose_on_shutdown: bool = True,
+        error_response: ErrorResponseMapper = default_error_response,
     ) -> None:
         given = [
             arg
@@ -81,6 +98,7 @@ class DBSessionMiddleware:
         self.database = database
         self.commit_on_success = database.commit_on_success if commit_on_success is None else commit_on_success
         self.dispose_on_shutdown = dispose_on_shutdown
+        self.error_response = error_response
         self._var = scope_var(database.name)
 
     def __repr__(self) -> str:
@@ -100,10 +118,20 @@ class DBSessionMiddleware:
 
     async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Manual policy: the app commits what it wants; whatever is left open is rolled back at the end."""
-        state = ScopeState(self.database, self.commit_on_success)
+        state = ScopeState(self.database, False)
         token = self._var.set(state)
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if started or not await self._answer_error(scope, send, exc):
+                raise
         finally:
             self._var.reset(token)
             session = state.end()
@@ -112,15 +140,18 @@ class DBSessionMiddleware:
 
     async def _run_committing(self, scope: Scope, receive: Receive, send: Send) -> None:
         """commit_on_success policy; see the class docstring."""
-        state = ScopeState(self.database, self.commit_on_success)
+        state = ScopeState(self.database, True)
         token = self._var.set(state)
         name = self.database.name
         started = False  # the response (or the WebSocket) got going: work may be committed at the end
         keep = True  # nothing has said "roll back" yet
         failure: CommitFailedError | None = None
+        # The response that replaced the app's after a failed commit, when the mapping had one for its error:
+        # then the failure is an expected outcome (logged as a warning), not a crash (raised to the server).
+        failure_response: ErrorResponse | None = None
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal started, keep, failure
+            nonlocal started, keep, failure, failure_response
             if failure is not None:
                 return  # our error response replaced the app's; drop the rest of it
             message_type = message["type"]
@@ -133,11 +164,13 @@ class DBSessionMiddleware:
                         await commit(session)
                     except Exception as exc:
                         keep = False
+                        failure_response = self.error_response(exc)
+                        response = failure_response or INTERNAL_SERVER_ERROR
                         failure = CommitFailedError(
-                            COMMIT_FAILED.format(name=name, status=500, app_status=message["status"])
+                            COMMIT_FAILED.format(name=name, status=response.status, app_status=message["status"])
                         )
-                        await send(_ERROR_START)
-                        await send({"type": "http.response.body", "body": _ERROR_BODY})
+                        for error_message in response.messages():
+                            await send(error_message)
                         raise failure from exc
                 started = True
             elif message_type in _FINAL_BODY_TYPES:
@@ -172,6 +205,13 @@ class DBSessionMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            keep = False
+            if failure is None:
+                if started or not await self._answer_error(scope, send, exc):
+                    raise
+            elif failure_response is None:
+                raise failure from failure.__cause__  # not the app's re-raise of it: the database error
         except BaseException:
             keep = False
             raise
@@ -181,8 +221,22 @@ class DBSessionMiddleware:
             if session is not None:
                 await finish(session, commit=keep and started)
         if failure is not None:
-            # The app caught the error we raised into it; the server must still hear of it.
-            raise failure
+            if failure_response is None:
+                # The app caught the error we raised into it; the server must still hear of it.
+                raise failure
+            _log_answered(scope, failure.__cause__ or failure, failure_response)
+
+    async def _answer_error(self, scope: Scope, send: Send, error: Exception) -> bool:
+        """Send the mapped response for ``error`` (True), or leave it to the server's handling (False)."""
+        if scope["type"] != "http":
+            return False
+        response = self.error_response(error)
+        if response is None:
+            return False
+        _log_answered(scope, error, response)
+        for message in response.messages():
+            await send(message)
+        return True
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Let the app's lifespan run unchanged; check the database at startup, dispose it at shutdown."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, cast
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.default import DefaultDialect
@@ -19,6 +19,23 @@ NO_URL = (
     "DATABASE_URL=postgresql+asyncpg://user:password@host:5432/dbname) or pass url= to DBSessionMiddleware/Database."
 )
 ASYNCPG_ONLY = "{field} (DATABASE_{env}) is supported on PostgreSQL through asyncpg only, and the URL is {url!r}."
+
+
+def settings_from_environment(**given: Any) -> DatabaseSettings:
+    """``DatabaseSettings(**given)``, with a validation error restated in the environment's terms.
+
+    pydantic names the field (``pool_size``); the person who has to fix it set ``DATABASE_POOL_SIZE``.
+    Input values stay hidden: they may be the password.
+    """
+    try:
+        return DatabaseSettings(**given)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False):
+            field = str(error["loc"][0]) if error["loc"] else "settings"
+            source = f"{field}=" if field in given else f"DATABASE_{field.upper()}"
+            problems.append(f"{source}: {error['msg'].removeprefix('Value error, ')}")
+        raise ValueError("Invalid database settings: " + "; ".join(problems)) from None
 
 
 class DatabaseSettings(BaseSettings):

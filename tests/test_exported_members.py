@@ -10,6 +10,7 @@ def test_all_is_sorted_and_complete() -> None:
     public = {name for name in vars(asgi_db_session) if not name.startswith("_")} - {
         # submodules imported by the package's own imports
         "database",
+        "error_responses",
         "exceptions",
         "middleware",
         "scope",

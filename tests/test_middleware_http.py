@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -14,7 +15,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from asgi_db_session import CommitFailedError, Database, DBSessionMiddleware, NoSessionError, current_session
+from asgi_db_session import (
+    CommitFailedError,
+    Database,
+    DBSessionMiddleware,
+    ErrorResponse,
+    NoSessionError,
+    current_session,
+)
 from asgi_db_session._types import Message, Receive, Scope, Send
 
 from .asgi import Channel, http_scope
@@ -127,42 +135,93 @@ async def test_an_exception_rolls_back_and_propagates(backend: Backend, database
     assert await backend.names() == []
 
 
-async def test_a_failed_commit_becomes_a_500_and_nothing_of_the_app_response_leaks(
-    backend: Backend, database: Database
-) -> None:
-    await backend.execute(f"INSERT INTO {TABLE} (id, name) VALUES (1, 'taken')")
-    background_ran: list[bool] = []
+def failing_commit_app(database: Database, item: Item, background_ran: list[bool], **options: Any) -> Starlette:
+    """An app that answers 201 while leaving ``item`` for the middleware's commit, where it fails."""
 
     async def endpoint(request: Request) -> Response:
-        # autoflush is off: the duplicate reaches the database only in the middleware's commit.
-        current_session().add(Item(id=2, name="taken"))
+        # autoflush is off: the bad row reaches the database only in the middleware's commit.
+        current_session().add(item)
         response = JSONResponse({"created": True}, status_code=201, headers={"x-app": "yes"})
         response.set_cookie("session", "abc")
         response.background = BackgroundTask(lambda: background_ran.append(True))
         return response
 
     app = Starlette(routes=[Route("/", endpoint)])
-    app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=True)
+    app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=True, **options)
+    return app
+
+
+async def test_a_unique_violation_at_commit_becomes_a_409_and_nothing_of_the_app_response_leaks(
+    backend: Backend, database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    await backend.execute(f"INSERT INTO {TABLE} (id, name) VALUES (1, 'taken')")
+    background_ran: list[bool] = []
+    app = failing_commit_app(database, Item(id=2, name="taken"), background_ran)
+    async with client(app) as http:  # an answered failure is not raised to the server
+        response = await http.get("/")
+    assert response.status_code == 409
+    assert response.text.startswith("Conflict")
+    assert "x-app" not in response.headers
+    assert "set-cookie" not in response.headers
+    assert background_ran == [], "a background task ran for data that was not saved"
+    assert await backend.names() == ["taken"]
+    assert [record.levelname for record in caplog.records] == ["WARNING"]
+    assert "GET / answered 409: IntegrityError" in caplog.records[0].getMessage()
+
+
+async def test_an_unmapped_commit_failure_becomes_a_500_and_is_raised_to_the_server(
+    backend: Backend, database: Database
+) -> None:
+    background_ran: list[bool] = []
+    # No name: a NOT NULL violation, which the default mapping leaves to be a 500.
+    app = failing_commit_app(database, Item(id=2), background_ran)
     async with client(app, raise_app_exceptions=False) as http:
         response = await http.get("/")
     assert response.status_code == 500
     assert response.text == "Internal Server Error"
     assert "x-app" not in response.headers
     assert "set-cookie" not in response.headers
-    assert background_ran == [], "a background task ran for data that was not saved"
-    assert await backend.names() == ["taken"]
+    assert background_ran == []
+    assert await backend.names() == []
 
-    async with client(app) as http:
+    async with client(failing_commit_app(database, Item(id=3), background_ran)) as http:
         with pytest.raises(CommitFailedError, match="client got 500 instead of the app's 201") as caught:
             await http.get("/")
     assert isinstance(caught.value.__cause__, IntegrityError)
 
 
-async def test_an_app_that_swallows_the_commit_error_still_reports_it(backend: Backend, database: Database) -> None:
+async def test_the_error_mapping_can_be_replaced(backend: Backend, database: Database) -> None:
+    def teapot(error: BaseException) -> ErrorResponse | None:
+        return ErrorResponse(418, "short and stout", (("X-Reason", type(error).__name__),))
+
+    app = failing_commit_app(database, Item(id=2), [], error_response=teapot)
+    async with client(app) as http:
+        response = await http.get("/")
+    assert (response.status_code, response.text) == (418, "short and stout")
+    assert response.headers["x-reason"] == "IntegrityError"
+
+
+async def test_a_database_error_escaping_the_app_is_mapped_before_the_response_starts(
+    backend: Backend, database: Database
+) -> None:
     await backend.execute(f"INSERT INTO {TABLE} (id, name) VALUES (1, 'taken')")
 
-    async def swallowing_app(scope: Scope, receive: Receive, send: Send) -> None:
+    async def endpoint(request: Request) -> Response:
         current_session().add(Item(id=2, name="taken"))
+        await current_session().flush()  # raises IntegrityError in the app
+        raise AssertionError("not reached")  # pragma: no cover
+
+    for commit_on_success in (False, True):
+        app = Starlette(routes=[Route("/", endpoint)])
+        app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=commit_on_success)
+        async with client(app) as http:
+            assert (await http.get("/")).status_code == 409
+    assert await backend.names() == ["taken"]
+
+
+async def test_an_app_that_swallows_the_commit_error_still_reports_it(backend: Backend, database: Database) -> None:
+    async def swallowing_app(scope: Scope, receive: Receive, send: Send) -> None:
+        current_session().add(Item(id=2))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": []})
         except CommitFailedError:

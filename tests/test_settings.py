@@ -7,7 +7,7 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from asgi_db_session import DatabaseSettings
+from asgi_db_session import Database, DatabaseSettings
 from asgi_db_session._urls import redact_url, to_async_url
 
 PASSWORD = "Zx9-q7Wv@Pw"  # no dictionary words (SecretStr's repr says "Secret"), and a raw "@"
@@ -21,7 +21,7 @@ def assert_no_password(text: str) -> None:
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("URL", "POOL_SIZE", "MAX_OVERFLOW", "ECHO", "POOL_PRE_PING", "APPLICATION_NAME"):
+    for name in ("URL", "POOL_SIZE", "MAX_OVERFLOW", "ECHO", "POOL_PRE_PING", "APPLICATION_NAME", "SSL"):
         monkeypatch.delenv(f"DATABASE_{name}", raising=False)
 
 
@@ -168,6 +168,36 @@ def test_a_bad_number_names_the_field_and_hides_the_input(monkeypatch: pytest.Mo
         DatabaseSettings(url=f"postgresql://app:{PASSWORD}@h/d")
     assert "abc" not in str(caught.value)
     assert_no_password(str(caught.value))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("DATABASE_POOL_SIZE", "abc", "DATABASE_POOL_SIZE: Input should be a valid integer"),
+        ("DATABASE_URL", f"postgresql+psycopg2://app:{PASSWORD}@h/d", "DATABASE_URL: 'postgresql+psycopg2' in"),
+        ("DATABASE_URL", f"nodriver://app:{PASSWORD}@h/d", "DATABASE_URL: No async driver is known for 'nodriver'"),
+        ("DATABASE_SSL", "sometimes", "DATABASE_SSL: Input should be 'disable'"),
+    ],
+)
+def test_a_bad_environment_variable_is_one_error_that_names_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app@h/d")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=r"^Invalid database settings: ") as caught:
+        Database()
+    message = str(caught.value)
+    assert expected in message
+    assert "sometimes" not in message
+    assert "abc" not in message
+    assert_no_password(message)
+    assert caught.value.__cause__ is None
+    assert caught.value.__suppress_context__
+
+
+def test_a_bad_url_argument_is_named_as_the_argument() -> None:
+    with pytest.raises(ValueError, match=r"url=: 'sqlite\+pysqlite' in"):
+        Database("sqlite+pysqlite:///x.db")
 
 
 def test_no_url_is_a_clear_error_when_an_engine_is_needed() -> None:

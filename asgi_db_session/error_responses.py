@@ -1,0 +1,104 @@
+"""What the client gets when a database error ends a request: the mapping from exception to response.
+
+The middleware asks this mapping when its own commit fails, and when a database error escapes the app before
+the response started (the app's own exception handlers run first, inside the middleware). A mapped error is
+answered with its response and logged as a warning; an unmapped one becomes a 500 (failed commit) or goes on
+to the server's error handling (app exception), as it would without the middleware.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import exc as sa_exc
+
+from ._types import Message
+
+# PostgreSQL SQLSTATEs (Appendix A of its manual).
+UNIQUE_VIOLATION = "23505"
+EXCLUSION_VIOLATION = "23P01"
+SERIALIZATION_FAILURE = "40001"
+DEADLOCK_DETECTED = "40P01"
+# SQLite extended result codes (sqlite3 sets ``sqlite_errorcode`` on its errors).
+SQLITE_CONSTRAINT_UNIQUE = 2067
+SQLITE_CONSTRAINT_PRIMARYKEY = 1555
+SQLITE_BUSY = 5
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorResponse:
+    """A plain-text response the middleware sends in place of the app's."""
+
+    status: int
+    body: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def messages(self) -> tuple[Message, Message]:
+        """The ASGI messages that send this response."""
+        body = self.body.encode()
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in self.headers),
+        ]
+        return (
+            {"type": "http.response.start", "status": self.status, "headers": headers},
+            {"type": "http.response.body", "body": body},
+        )
+
+
+ErrorResponseMapper = Callable[[BaseException], "ErrorResponse | None"]
+
+INTERNAL_SERVER_ERROR = ErrorResponse(500, "Internal Server Error")
+CONFLICT = ErrorResponse(409, "Conflict: the request clashes with data saved meanwhile; nothing was saved.")
+SERVICE_UNAVAILABLE = ErrorResponse(
+    503, "Service Unavailable: the database could not complete the request; retry it.", (("Retry-After", "1"),)
+)
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    # SQLAlchemy's asyncpg adapter copies the SQLSTATE onto the error it raises; the asyncpg error is its cause.
+    for candidate in (getattr(error, "orig", None), getattr(getattr(error, "orig", None), "__cause__", None)):
+        state = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(state, str):
+            return state
+    return None
+
+
+def _sqlite_code(error: BaseException) -> int | None:
+    orig = getattr(error, "orig", None)
+    for candidate in (orig, getattr(orig, "__cause__", None)):
+        if isinstance(candidate, sqlite3.Error):
+            return candidate.sqlite_errorcode
+    return None
+
+
+def default_error_response(error: BaseException) -> ErrorResponse | None:
+    """409 for a unique violation; 503 with ``Retry-After`` for what a retry can fix; None for the rest.
+
+    503: a serialization failure or deadlock (the transaction lost a race), a lost or invalidated connection
+    (the server restarted), a full pool (``sqlalchemy.exc.TimeoutError``), a busy SQLite database.
+    """
+    if isinstance(error, sa_exc.TimeoutError):
+        return SERVICE_UNAVAILABLE
+    if not isinstance(error, sa_exc.DBAPIError):
+        return None
+    if error.connection_invalidated:
+        return SERVICE_UNAVAILABLE
+    state = _sqlstate(error)
+    if state in (UNIQUE_VIOLATION, EXCLUSION_VIOLATION):
+        return CONFLICT
+    if state in (SERIALIZATION_FAILURE, DEADLOCK_DETECTED):
+        return SERVICE_UNAVAILABLE
+    if state is not None:
+        return None
+    if isinstance(error, sa_exc.InterfaceError) and "connection is closed" in str(error.orig):
+        return SERVICE_UNAVAILABLE
+    code = _sqlite_code(error)
+    if code in (SQLITE_CONSTRAINT_UNIQUE, SQLITE_CONSTRAINT_PRIMARYKEY):
+        return CONFLICT
+    if code == SQLITE_BUSY:
+        return SERVICE_UNAVAILABLE
+    return None
