@@ -7,7 +7,7 @@ in a router, service or repository.
 from ._context import current_session
 from .database import Database, get_database
 from .error_responses import ErrorResponse, default_error_response
-from .exceptions import CommitFailedError, DatabaseUnavailableError, NoSessionError
+from .exceptions import CommitFailedError, ConcurrentSessionUseError, DatabaseUnavailableError, NoSessionError
 from .middleware import DBSessionMiddleware
 from .scope import session_scope
 from .settings import DatabaseSettings
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CommitFailedError",
+    "ConcurrentSessionUseError",
     "DBSessionMiddleware",
     "Database",
     "DatabaseSettings",

@@ -8,12 +8,13 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from ._guarded_session import GuardedSession
 from ._urls import redact_url
 from .exceptions import NO_DATABASE, DatabaseUnavailableError, NoSessionError
 from .settings import DatabaseSettings, settings_from_environment
 
 # Recommended for async code: no lazy loads after commit, no implicit IO from autoflush.
-SESSION_DEFAULTS: Mapping[str, Any] = {"expire_on_commit": False, "autoflush": False}
+SESSION_DEFAULTS: Mapping[str, Any] = {"expire_on_commit": False, "autoflush": False, "class_": GuardedSession}
 
 _registry: dict[str, Database] = {}
 

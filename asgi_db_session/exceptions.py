@@ -2,7 +2,8 @@
 
     Exception
      ├── RuntimeError
-     │    └── NoSessionError ........... current_session() outside a scope, or after its scope ended
+     │    ├── NoSessionError ........... current_session() outside a scope, or after its scope ended
+     │    └── ConcurrentSessionUseError  two tasks ran operations on one session at the same time
      ├── CommitFailedError ............ the commit of a request's session failed; the client got an error status
      └── ConnectionError
           └── DatabaseUnavailableError . the startup check (or Database.check()) could not reach the database
@@ -26,6 +27,11 @@ NO_DATABASE = (
     "No database named {name!r} is configured: create Database(url=..., name={name!r}) or add "
     "DBSessionMiddleware(app, name={name!r}, ...) before opening session_scope({name!r})."
 )
+CONCURRENT_USE = (
+    "{method}() was called on a session that another task is using right now (asyncio.gather over "
+    "current_session(), say). An AsyncSession runs one operation at a time: give each concurrent task a "
+    "session of its own with `async with session_scope():` inside the task."
+)
 COMMIT_FAILED = (
     "Committing the {name!r} session before sending the response failed, so the client got {status} instead of "
     "the app's {app_status}; nothing of this request was saved."
@@ -38,6 +44,10 @@ COMMIT_FAILED_LATE = (
 
 class NoSessionError(RuntimeError):
     """current_session() was called where no session scope is active."""
+
+
+class ConcurrentSessionUseError(RuntimeError):
+    """A second task started an operation on a session while another task's operation was still running."""
 
 
 class CommitFailedError(Exception):
