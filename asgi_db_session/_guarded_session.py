@@ -94,4 +94,5 @@ def _guard(name: str) -> _AsyncMethod:
 
 
 for _name in _GUARDED_METHODS:
-    setattr(GuardedSession, _name, _guard(_name))
+    if hasattr(AsyncSession, _name):  # delete_all() and merge_all() came with SQLAlchemy 2.1
+        setattr(GuardedSession, _name, _guard(_name))

@@ -42,6 +42,8 @@ from .models import Item
 
 pytestmark = pytest.mark.anyio
 
+ASYNCPG_VERSION = tuple(int(part) for part in asyncpg.__version__.split(".")[:2])
+
 # A table whose unique constraint is checked at COMMIT: a second connection holding the same name in an open
 # transaction makes our COMMIT wait for it, which is how a test catches a request inside its commit.
 DEFERRED_TABLE = f"adbs_cancel_deferred_{os.getpid()}"
@@ -436,8 +438,11 @@ async def test_statement_cut_off_by_anyio_scope_stops_on_the_server(backend: Bac
 
     Without it the statement runs to its end: anyio re-delivers the cancellation inside SQLAlchemy's graceful
     close of the invalidated asyncpg connection, which falls back to terminate() and drops asyncpg's pending
-    cancel request, and the server does not look at the closed socket while the statement runs.
+    cancel request, and the server does not look at the closed socket while the statement runs. Before
+    asyncpg 0.32 that terminate() did not even close the socket (README: Failure behaviour).
     """
+    if ASYNCPG_VERSION < (0, 32):
+        pytest.xfail("asyncpg < 0.32 leaves the socket of a connection cut off by an anyio cancel scope open")
     settings = DatabaseSettings(
         url=backend.url,
         pool_size=1,

@@ -26,7 +26,7 @@ def test_the_readme_starts_with_the_two_commands() -> None:
     assert first_block is not None
     commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines()]
     assert commands == ["./dev demo", "./dev test"]
-    assert "exec ./dev test" in (README.parent / ".ci" / "run").read_text()
+    assert "./dev test\n" in (README.parent / ".ci" / "run").read_text()
 
 
 async def test_the_before_and_after_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
