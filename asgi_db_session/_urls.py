@@ -66,13 +66,15 @@ def to_async_url(raw: str) -> URL:
     ``sqlite+aiosqlite://``. A synchronous driver named explicitly is an error rather than a silent swap,
     because the user asked for that driver's behaviour.
     """
-    shown = redact_url(raw)
     try:
         url = _parse(raw.strip())
     except (ArgumentError, ValueError):
+        # Not shown: what cannot be parsed cannot be reliably stripped of its password.
         raise ValueError(
-            f"{shown!r} is not a database URL; write one like {EXAMPLE_URL} or sqlite+aiosqlite:///./app.db"
+            "The database URL cannot be parsed (its text is not shown, as it may hold a password); write one "
+            f"like {EXAMPLE_URL} or sqlite+aiosqlite:///./app.db"
         ) from None
+    shown = redact_url(raw)
     backend, _, driver = url.drivername.partition("+")
     backend = BACKEND_ALIASES.get(backend, backend)
     default_driver = ASYNC_DRIVERS.get(backend)

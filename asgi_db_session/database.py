@@ -54,6 +54,11 @@ class Database:
         engine_options: Mapping[str, Any] | None = None,
         check_on_startup: bool | None = None,
     ) -> None:
+        # Set first, so that repr() works on a Database whose construction failed (a traceback printing locals).
+        self.name = name
+        self.settings = settings
+        self._engine = engine
+        self.commit_on_success = commit_on_success
         given = [arg for arg, value in (("url", url), ("engine", engine), ("settings", settings)) if value is not None]
         if len(given) > 1:
             raise ValueError(f"Database takes one engine source, got {' and '.join(given)}: pass only one.")
@@ -64,15 +69,12 @@ class Database:
                 settings = settings_from_environment() if url is None else settings_from_environment(url=url)
             # Fails here, at construction, rather than at the first request.
             settings.engine_options()
-        self.name = name
         self.settings = settings
-        self.commit_on_success = commit_on_success
         if check_on_startup is None:
             check_on_startup = settings is not None and settings.check_on_startup
         self.check_on_startup = check_on_startup
         self.session_options: Mapping[str, Any] = {**SESSION_DEFAULTS, **(session_options or {})}
         self._engine_options = dict(engine_options or {})
-        self._engine = engine
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
         _registry[name] = self
 
@@ -82,10 +84,9 @@ class Database:
     @property
     def redacted_url(self) -> str:
         """The URL with its password masked."""
-        if self.settings is not None:
-            return self.settings.redacted_url
-        assert self._engine is not None
-        return redact_url(self._engine.url.render_as_string(hide_password=True))
+        if self._engine is not None:
+            return redact_url(self._engine.url.render_as_string(hide_password=True))
+        return "<unset>" if self.settings is None else self.settings.redacted_url
 
     @property
     def engine(self) -> AsyncEngine:

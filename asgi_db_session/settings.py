@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, cast
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.default import DefaultDialect
@@ -19,6 +19,7 @@ NO_URL = (
     "DATABASE_URL=postgresql+asyncpg://user:password@host:5432/dbname) or pass url= to DBSessionMiddleware/Database."
 )
 ASYNCPG_ONLY = "{field} (DATABASE_{env}) is supported on PostgreSQL through asyncpg only, and the URL is {url!r}."
+_ASYNCPG_ONLY_FIELDS = ("application_name", "statement_timeout", "client_connection_check_interval", "ssl", "pgbouncer")
 
 
 def settings_from_environment(**given: Any) -> DatabaseSettings:
@@ -32,9 +33,13 @@ def settings_from_environment(**given: Any) -> DatabaseSettings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_input=False, include_url=False):
-            field = str(error["loc"][0]) if error["loc"] else "settings"
+            message = error["msg"].removeprefix("Value error, ")
+            if not error["loc"]:  # a check across fields: its message names them
+                problems.append(message)
+                continue
+            field = str(error["loc"][0])
             source = f"{field}=" if field in given else f"DATABASE_{field.upper()}"
-            problems.append(f"{source}: {error['msg'].removeprefix('Value error, ')}")
+            problems.append(f"{source}: {message}")
         raise ValueError("Invalid database settings: " + "; ".join(problems)) from None
 
 
@@ -83,8 +88,20 @@ class DatabaseSettings(BaseSettings):
             return None
         return to_async_url(value).render_as_string(hide_password=False)
 
+    @model_validator(mode="after")
+    def _asyncpg_only_settings_need_asyncpg(self) -> DatabaseSettings:
+        # An ignored setting would be a silent surprise (a statement timeout that never fires).
+        if self.url is None or make_url(self.url).drivername == "postgresql+asyncpg":
+            return self
+        for field in _ASYNCPG_ONLY_FIELDS:
+            if getattr(self, field) not in (None, False):
+                raise ValueError(ASYNCPG_ONLY.format(field=field, env=field.upper(), url=self.redacted_url))
+        return self
+
     def __repr_args__(self) -> Any:
-        yield "url", None if self.url is None else redact_url(self.url)
+        # getattr: repr() also runs on an instance whose validation failed, when a traceback shows locals.
+        url = getattr(self, "url", None)
+        yield "url", None if url is None else redact_url(url)
         yield from super().__repr_args__()
 
     @property
@@ -142,16 +159,6 @@ class DatabaseSettings(BaseSettings):
                 args["ssl"] = self.ssl
             if self.pgbouncer:
                 args["statement_cache_size"] = 0
-        else:
-            for field, env in (
-                ("application_name", "APPLICATION_NAME"),
-                ("statement_timeout", "STATEMENT_TIMEOUT"),
-                ("client_connection_check_interval", "CLIENT_CONNECTION_CHECK_INTERVAL"),
-                ("ssl", "SSL"),
-                ("pgbouncer", "PGBOUNCER"),
-            ):
-                if getattr(self, field) not in (None, False):
-                    raise ValueError(ASYNCPG_ONLY.format(field=field, env=env, url=self.redacted_url))
         if self.connect_timeout is not None:
             args["timeout"] = self.connect_timeout
         return args

@@ -21,7 +21,7 @@ def assert_no_password(text: str) -> None:
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("URL", "POOL_SIZE", "MAX_OVERFLOW", "ECHO", "POOL_PRE_PING", "APPLICATION_NAME", "SSL"):
+    for name in ("URL", "POOL_SIZE", "MAX_OVERFLOW", "ECHO", "POOL_PRE_PING", "APPLICATION_NAME", "SSL", "PGBOUNCER"):
         monkeypatch.delenv(f"DATABASE_{name}", raising=False)
 
 
@@ -75,7 +75,7 @@ def test_a_sync_driver_is_an_error_that_says_what_to_write(given: str, advice: s
 @pytest.mark.parametrize(
     ("given", "message"),
     [
-        ("not a url", "is not a database URL"),
+        ("not a url", "The database URL cannot be parsed (its text is not shown"),
         ("postgresql+nodriver://u@h/d", "Unknown database driver 'postgresql+nodriver'"),
         ("oracle://u@h/d", "No async driver is known for 'oracle'"),
     ],
@@ -155,11 +155,14 @@ def test_sqlite_in_memory_gets_no_pool_sizing() -> None:
     assert "pool_size" in DatabaseSettings(url="sqlite:///file.db").engine_options()
 
 
-def test_postgres_only_settings_on_sqlite_are_an_error_not_ignored() -> None:
-    settings = DatabaseSettings(url="sqlite:///file.db", statement_timeout=100)
+def test_postgres_only_settings_on_sqlite_are_an_error_not_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
     expected = r"statement_timeout \(DATABASE_STATEMENT_TIMEOUT\) is supported on PostgreSQL"
     with pytest.raises(ValueError, match=expected):
-        settings.engine_options()
+        DatabaseSettings(url="sqlite:///file.db", statement_timeout=100)
+    monkeypatch.setenv("DATABASE_URL", "sqlite:///file.db")
+    monkeypatch.setenv("DATABASE_PGBOUNCER", "true")
+    with pytest.raises(ValueError, match=r"^Invalid database settings: pgbouncer \(DATABASE_PGBOUNCER\) is supported"):
+        Database()
 
 
 def test_a_bad_number_names_the_field_and_hides_the_input(monkeypatch: pytest.MonkeyPatch) -> None:
