@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy import event
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from ._guarded_session import GuardedSession
@@ -95,7 +97,21 @@ class Database:
             assert self.settings is not None
             options = {**self.settings.engine_options(), **self._engine_options}
             self._engine = create_async_engine(self.settings.engine_url(), **options)
+            event.listen(self._engine.sync_engine, "do_connect", self._connect)
         return self._engine
+
+    def _connect(self, dialect: Dialect, record: Any, cargs: Any, cparams: Any) -> Any:
+        """Open a DBAPI connection; a refused or reset connect becomes DatabaseUnavailableError.
+
+        The driver raises those as plain OSErrors that SQLAlchemy passes on unwrapped, which would make them
+        indistinguishable from any other network error in the app, and a 500 instead of a 503.
+        """
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except OSError as exc:
+            raise DatabaseUnavailableError(
+                f"Cannot connect to database {self.name!r} at {self.redacted_url}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     @property
     def sessionmaker(self) -> async_sessionmaker[AsyncSession]:

@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from sqlalchemy import exc as sa_exc
 
 from ._types import Message
+from .exceptions import DatabaseUnavailableError
 
 # PostgreSQL SQLSTATEs (Appendix A of its manual).
 UNIQUE_VIOLATION = "23505"
 EXCLUSION_VIOLATION = "23P01"
 SERIALIZATION_FAILURE = "40001"
 DEADLOCK_DETECTED = "40P01"
+# The server cannot serve now: shutting down, starting up, out of connection slots; class 08 is a lost link.
+UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
 # SQLite extended result codes (sqlite3 sets ``sqlite_errorcode`` on its errors).
 SQLITE_CONSTRAINT_UNIQUE = 2067
 SQLITE_CONSTRAINT_PRIMARYKEY = 1555
@@ -79,9 +82,10 @@ def default_error_response(error: BaseException) -> ErrorResponse | None:
     """409 for a unique violation; 503 with ``Retry-After`` for what a retry can fix; None for the rest.
 
     503: a serialization failure or deadlock (the transaction lost a race), a lost or invalidated connection
-    (the server restarted), a full pool (``sqlalchemy.exc.TimeoutError``), a busy SQLite database.
+    (the server restarted), a server that refuses connections or is starting or shutting down, a full pool
+    (``sqlalchemy.exc.TimeoutError``) or a server out of connection slots, a busy SQLite database.
     """
-    if isinstance(error, sa_exc.TimeoutError):
+    if isinstance(error, sa_exc.TimeoutError | DatabaseUnavailableError):
         return SERVICE_UNAVAILABLE
     if not isinstance(error, sa_exc.DBAPIError):
         return None
@@ -90,7 +94,9 @@ def default_error_response(error: BaseException) -> ErrorResponse | None:
     state = _sqlstate(error)
     if state in (UNIQUE_VIOLATION, EXCLUSION_VIOLATION):
         return CONFLICT
-    if state in (SERIALIZATION_FAILURE, DEADLOCK_DETECTED):
+    if state in (SERIALIZATION_FAILURE, DEADLOCK_DETECTED) or state in UNAVAILABLE_SQLSTATES:
+        return SERVICE_UNAVAILABLE
+    if state is not None and state.startswith("08"):
         return SERVICE_UNAVAILABLE
     if state is not None:
         return None

@@ -62,7 +62,7 @@ async def test_one_scope_per_task_is_the_way_that_works(backend: Backend, databa
             return await slow_count()
 
     await backend.execute("INSERT INTO " + Item.__tablename__ + " (id, name) VALUES (1, 'a')")
-    assert await asyncio.gather(counted(), counted(), counted()) == [1, 1, 1]
+    assert list(await asyncio.gather(counted(), counted(), counted())) == [1, 1, 1]
 
 
 async def test_close_waits_for_the_other_task_instead_of_failing(database: Database) -> None:
