@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import asgi_db_session
 
 
 def test_all_is_sorted_and_complete() -> None:
     assert asgi_db_session.__all__ == sorted(asgi_db_session.__all__)
-    public = {name for name in vars(asgi_db_session) if not name.startswith("_")} - {
-        # submodules imported by the package's own imports
-        "database",
-        "error_responses",
-        "exceptions",
-        "middleware",
-        "scope",
-        "settings",
+    public = {
+        name
+        for name, value in vars(asgi_db_session).items()
+        if not name.startswith("_") and not isinstance(value, ModuleType)
     }
     assert public == set(asgi_db_session.__all__) - {"__version__"}
 

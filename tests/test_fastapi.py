@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from asgi_db_session import Database, DBSessionMiddleware, current_session
+from asgi_db_session.fastapi import SessionDep, session_dependency
 
 from .conftest import Backend, client
 from .models import Item
@@ -68,3 +69,23 @@ async def test_fastapi_sync_path_operations_see_the_request_session(database: Da
         second = (await http.get("/sync")).json()["session"]
     assert [id(session) for session in seen] == [first, second]
     assert first != second
+
+
+async def test_the_session_dependency_is_the_request_session(backend: Backend, database: Database) -> None:
+    analytics = Database(backend.url, name="analytics")
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=True)
+    app.add_middleware(DBSessionMiddleware, database=analytics)
+
+    @app.post("/items", status_code=201)
+    async def create(
+        item: ItemIn, session: SessionDep, other: Annotated[AsyncSession, session_dependency("analytics")]
+    ) -> dict[str, bool]:
+        session.add(Item(id=item.id, name=item.name))
+        return {"same": session is current_session(), "other": other is current_session("analytics")}
+
+    async with client(app) as http:
+        response = await http.post("/items", json={"id": 1, "name": "injected"})
+    assert response.json() == {"same": True, "other": True}
+    assert await backend.names() == ["injected"]
+    await analytics.dispose()
