@@ -30,7 +30,7 @@ def test_the_readme_starts_with_the_two_commands() -> None:
 
 
 async def test_the_before_and_after_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (example,) = [block for block in python_blocks() if "app = Starlette(" in block]
+    (example,) = [block for block in python_blocks() if "count_tables" in block]
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, Any] = {}
     exec(compile(example, str(README), "exec"), namespace)
