@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from ._guarded_session import GuardedSession
 from ._urls import redact_url
@@ -18,7 +22,29 @@ from .settings import DatabaseSettings, settings_from_environment
 # Recommended for async code: no lazy loads after commit, no implicit IO from autoflush.
 SESSION_DEFAULTS: Mapping[str, Any] = {"expire_on_commit": False, "autoflush": False, "class_": GuardedSession}
 
+logger = logging.getLogger("asgi_db_session")
+# How long a connection invalidated by a cancellation gets to close by itself before its backend is ended.
+ORPHAN_GRACE_SECONDS = 0.25
+
 _registry: dict[str, Database] = {}
+# Every Database of this process, for the fork hook below; weak, so that it keeps none of them alive.
+_all_databases: weakref.WeakSet[Database] = weakref.WeakSet()
+
+
+def _forget_inherited_connections() -> None:
+    """In a forked child (gunicorn --preload, multiprocessing): drop the pools the parent filled.
+
+    Their connections belong to the parent's event loop and socket; used in the child they fail with
+    "attached to a different loop", or worse, two processes talk over one socket. ``dispose(close=False)``
+    replaces each pool without touching the parent's connections, so the child opens its own.
+    """
+    for database in list(_all_databases):
+        if database._engine is not None:
+            database._engine.sync_engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_forget_inherited_connections)
 
 
 def get_database(name: str = "default") -> Database:
@@ -77,8 +103,11 @@ class Database:
         self.check_on_startup = check_on_startup
         self.session_options: Mapping[str, Any] = {**SESSION_DEFAULTS, **(session_options or {})}
         self._engine_options = dict(engine_options or {})
+        self._cancellations: set[asyncio.Task[None]] = set()
+        self._canceller: AsyncEngine | None = None
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
         _registry[name] = self
+        _all_databases.add(self)
 
     def __repr__(self) -> str:
         return f"Database(name={self.name!r}, url={self.redacted_url!r}, commit_on_success={self.commit_on_success})"
@@ -98,7 +127,42 @@ class Database:
             options = {**self.settings.engine_options(), **self._engine_options}
             self._engine = create_async_engine(self.settings.engine_url(), **options)
             event.listen(self._engine.sync_engine, "do_connect", self._connect)
+            if self._engine.dialect.driver == "asyncpg":
+                event.listen(self._engine.sync_engine.pool, "invalidate", self._cancel_orphaned_statement)
         return self._engine
+
+    def _cancel_orphaned_statement(self, dbapi_connection: Any, record: Any, exception: BaseException | None) -> None:
+        """A connection thrown away because its task was cancelled mid-statement: stop that statement.
+
+        Under an anyio cancel scope the cancellation interrupts the driver's graceful close too, and the
+        cancel request it would have sent is lost: the statement runs on in the server, holding its locks,
+        while the pool opens a new connection in its place (before asyncpg 0.32 even the socket stayed open).
+        A fresh task, outside the cancelled scope, asks the server to end that backend: the connection is
+        thrown away already, so ending it (not just its statement) also ends its transaction and locks.
+        """
+        if not isinstance(exception, asyncio.CancelledError):
+            return
+        pid = dbapi_connection.driver_connection.get_server_pid()
+        task = asyncio.get_running_loop().create_task(self._cancel_backend(pid))
+        self._cancellations.add(task)
+        task.add_done_callback(self._cancellations.discard)
+
+    async def _cancel_backend(self, pid: int) -> None:
+        # First let the driver's own close finish where it was not cut short (a plain task.cancel()): ending
+        # the backend under it would race its cancel request and its goodbye to the server.
+        await asyncio.sleep(ORPHAN_GRACE_SECONDS)
+        try:
+            # Not through the pool: that is full of the app's connections, and a cancel must not wait for one.
+            if self._canceller is None:
+                assert self.settings is not None
+                options = self.settings.engine_options()
+                self._canceller = create_async_engine(
+                    self.settings.engine_url(), poolclass=NullPool, connect_args=options.get("connect_args", {})
+                )
+            async with self._canceller.connect() as connection:
+                await connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        except Exception:  # the server may be gone too; the statement then is as well
+            logger.debug("could not end backend %d of a cancelled statement", pid, exc_info=True)
 
     def _connect(self, dialect: Dialect, record: Any, cargs: Any, cparams: Any) -> Any:
         """Open a DBAPI connection; a refused or reset connect becomes DatabaseUnavailableError.
@@ -149,5 +213,9 @@ class Database:
 
     async def dispose(self) -> None:
         """Close every pooled connection. The engine stays usable: a later session opens a fresh pool."""
+        if self._cancellations:
+            await asyncio.gather(*self._cancellations, return_exceptions=True)
+        if self._canceller is not None:
+            await self._canceller.dispose()
         if self._engine is not None:
             await self._engine.dispose()

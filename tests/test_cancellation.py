@@ -42,8 +42,6 @@ from .models import Item
 
 pytestmark = pytest.mark.anyio
 
-ASYNCPG_VERSION = tuple(int(part) for part in asyncpg.__version__.split(".")[:2])
-
 # A table whose unique constraint is checked at COMMIT: a second connection holding the same name in an open
 # transaction makes our COMMIT wait for it, which is how a test catches a request inside its commit.
 DEFERRED_TABLE = f"adbs_cancel_deferred_{os.getpid()}"
@@ -433,22 +431,23 @@ async def test_outer_anyio_timeout(backend: Backend, database: Database, path: s
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
-async def test_statement_cut_off_by_anyio_scope_stops_on_the_server(backend: Backend) -> None:
-    """With client_connection_check_interval the server stops a statement whose client is gone.
+@pytest.mark.parametrize("check_interval", [None, 100])
+async def test_statement_cut_off_by_anyio_scope_stops_on_the_server(
+    backend: Backend, check_interval: int | None
+) -> None:
+    """The statement of a request cut off by an anyio cancel scope does not run on in the server.
 
-    Without it the statement runs to its end: anyio re-delivers the cancellation inside SQLAlchemy's graceful
-    close of the invalidated asyncpg connection, which falls back to terminate() and drops asyncpg's pending
-    cancel request, and the server does not look at the closed socket while the statement runs. Before
-    asyncpg 0.32 that terminate() did not even close the socket (README: Failure behaviour).
+    anyio re-delivers the cancellation inside SQLAlchemy's graceful close of the invalidated asyncpg
+    connection, which falls back to terminate() and drops asyncpg's pending cancel request (before asyncpg
+    0.32 it did not even close the socket). The Database then cancels the statement by backend pid; with
+    client_connection_check_interval the server also notices the closed socket by itself.
     """
-    if ASYNCPG_VERSION < (0, 32):
-        pytest.xfail("asyncpg < 0.32 leaves the socket of a connection cut off by an anyio cancel scope open")
     settings = DatabaseSettings(
         url=backend.url,
         pool_size=1,
         max_overflow=0,
         application_name=f"adbs-cancel-{uuid.uuid4().hex[:12]}",
-        client_connection_check_interval=100,
+        client_connection_check_interval=check_interval,
     )
     database = Database(settings=settings)
     try:
