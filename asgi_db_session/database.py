@@ -9,6 +9,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+import asyncpg
 from sqlalchemy import event, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -127,9 +128,17 @@ class Database:
             options = {**self.settings.engine_options(), **self._engine_options}
             self._engine = create_async_engine(self.settings.engine_url(), **options)
             event.listen(self._engine.sync_engine, "do_connect", self._connect)
-            if self._engine.dialect.driver == "asyncpg":
+            if self._engine.dialect.driver == "asyncpg" and not self._server_ends_orphans():
                 event.listen(self._engine.sync_engine.pool, "invalidate", self._cancel_orphaned_statement)
         return self._engine
+
+    def _server_ends_orphans(self) -> bool:
+        """True when the server ends a cut-off statement's backend by itself: it checks that its client is
+        there (client_connection_check_interval) and asyncpg (0.32+) closed the socket. Ending the backend
+        from here as well would race the server, and asyncpg reports that as an unretrieved future error."""
+        assert self.settings is not None
+        version = tuple(int(part) for part in asyncpg.__version__.split(".")[:2])
+        return self.settings.client_connection_check_interval is not None and version >= (0, 32)
 
     def _cancel_orphaned_statement(self, dbapi_connection: Any, record: Any, exception: BaseException | None) -> None:
         """A connection thrown away because its task was cancelled mid-statement: stop that statement.
