@@ -38,6 +38,10 @@ LOG_NOISE = re.compile(
     r"|^ResourceWarning: Enable tracemalloc to get the object allocation traceback$"
     # gunicorn's uvicorn worker closes a listening socket twice when it shuts down (logged at INFO).
     r"|\[INFO\] Error while closing socket \[Errno 9\] Bad file descriptor$"
+    # asyncpg, when the server ends a backend whose connection was thrown away because an anyio cancel scope
+    # cut its graceful close short: the cancelled query's future gets the error and nobody is left to read
+    # it ("Future exception was never retrieved"). The connection is gone from the pool already; no leak.
+    r"|^ConnectionError: unexpected connection_lost\(\) call$"
 )
 
 
