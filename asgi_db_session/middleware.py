@@ -106,18 +106,18 @@ class DBSessionMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
-        if scope_type == "http" or scope_type == "websocket":
-            if self.commit_on_success:
-                await self._run_committing(scope, receive, send)
+        if scope_type != "http" and scope_type != "websocket":
+            if scope_type == "lifespan":
+                await self._lifespan(scope, receive, send)
             else:
-                await self._run(scope, receive, send)
-        elif scope_type == "lifespan":
-            await self._lifespan(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-    async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Manual policy: the app commits what it wants; whatever is left open is rolled back at the end."""
+                await self.app(scope, receive, send)
+            return
+        if self.commit_on_success:
+            await self._run_committing(scope, receive, send)
+            return
+        # The manual policy, written out here rather than in a method of its own: this is every request's
+        # path, and a coroutine call fewer is a measurable share of a request that never touches the database.
+        # The app commits what it wants; whatever is left open is rolled back at the end.
         state = ScopeState(self.database, False)
         token = self._var.set(state)
         started = False
