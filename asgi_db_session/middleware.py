@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -19,6 +19,7 @@ from .settings import DatabaseSettings
 # Messages that end an HTTP response: the last chance to fail it visibly if a late commit fails.
 _FINAL_BODY_TYPES = frozenset({"http.response.body", "http.response.pathsend", "http.response.zerocopysend"})
 _START_TYPES = frozenset({"http.response.start", "websocket.http.response.start"})
+_HTTP_SEND_TYPES = _FINAL_BODY_TYPES | {"http.response.start"}
 # Close codes that end a WebSocket normally; any other code rolls the connection's work back. 1005 is what a
 # server reports for a close frame that carried no code, as a client's plain close() sends.
 _NORMAL_CLOSE_CODES = frozenset({1000, 1001, 1005})
@@ -122,10 +123,11 @@ class DBSessionMiddleware:
         token = self._var.set(state)
         started = False
 
-        async def send_wrapper(message: Message) -> None:
+        # A plain function that returns send's awaitable: a valid ASGI send without a coroutine of its own.
+        def send_wrapper(message: Message) -> Awaitable[None]:
             nonlocal started
             started = True
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
@@ -150,7 +152,24 @@ class DBSessionMiddleware:
         # then the failure is an expected outcome (logged as a warning), not a crash (raised to the server).
         failure_response: ErrorResponse | None = None
 
-        async def send_wrapper(message: Message) -> None:
+        def send_wrapper(message: Message) -> Awaitable[None]:
+            nonlocal started, keep
+            session = state.session
+            message_type = message["type"]
+            if (
+                failure is None
+                and message_type in _HTTP_SEND_TYPES
+                and (session is None or not session.in_transaction())
+            ):
+                # Nothing to commit: note what the message says and pass it on, without a coroutine of our own.
+                if message_type == "http.response.start":
+                    if message["status"] >= 400:
+                        keep = False
+                    started = True
+                return send(message)
+            return commit_then_send(message)
+
+        async def commit_then_send(message: Message) -> None:
             nonlocal started, keep, failure, failure_response
             if failure is not None:
                 return  # our error response replaced the app's; drop the rest of it
