@@ -1,0 +1,264 @@
+"""The benchmarked apps, all serving the same routes with the same statements on the same engine settings.
+
+Each builder takes the EngineSettings and returns an ASGI app that owns its engine and disposes it at
+lifespan shutdown. Peers are imported inside their builder: one that is missing or broken makes only its
+own column "n/a" (the runner reports why), never the whole run.
+
+The three middleware apps on Starlette (fastapi-async-sqlalchemy, advanced-alchemy, asgi_db_session) share
+one set of endpoints (``_middleware_routes``) and differ only in how an endpoint gets its session. The two
+FastAPI apps (classic ``Depends(get_db)`` and asgi_db_session on FastAPI) compare on FastAPI's own overhead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .common import (
+    EngineSettings,
+    insert_one,
+    read_one,
+    read_ten,
+    session_factory,
+    stream_chunks,
+)
+from .fastapi_apps import build_asgi_db_session_fastapi, build_fastapi_depends
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
+OK = b"ok"
+TEXT = "text/plain"
+
+
+def _disposing(engine: AsyncEngine) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
+    """A lifespan that disposes ``engine`` at shutdown (what an app that owns its engine does)."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    return lifespan
+
+
+async def nodb(request: Request) -> Response:
+    return PlainTextResponse(OK)
+
+
+# ---- (1) bare Starlette, no database at all ------------------------------------------------------------
+
+
+def build_bare(settings: EngineSettings) -> ASGIApp:
+    return Starlette(routes=[Route("/nodb", nodb)])
+
+
+# ---- (2) hand-written: every endpoint opens and closes its own session (the lower bound) ---------------
+
+
+def build_handwritten(settings: EngineSettings) -> ASGIApp:
+    engine = settings.create_engine()
+    factory = session_factory(engine)
+
+    async def session(request: Request) -> Response:
+        async with factory():
+            pass
+        return PlainTextResponse(OK)
+
+    async def read(request: Request) -> Response:
+        async with factory() as db:
+            return PlainTextResponse(await read_one(db))
+
+    async def insert(request: Request) -> Response:
+        async with factory() as db:
+            body = await insert_one(db)
+            await db.commit()
+        return PlainTextResponse(body)
+
+    async def stream(request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            async with factory() as db:
+                async for chunk in stream_chunks(db):
+                    yield chunk
+
+        return StreamingResponse(body(), media_type=TEXT)
+
+    async def ten(request: Request) -> Response:
+        async with factory() as db:
+            return PlainTextResponse(await read_ten(db))
+
+    routes = [
+        Route("/nodb", nodb),
+        Route("/session", session),
+        Route("/read", read),
+        Route("/insert", insert, methods=["POST"]),
+        Route("/stream", stream),
+        Route("/ten", ten),
+    ]
+    return Starlette(routes=routes, lifespan=_disposing(engine))
+
+
+# ---- shared endpoints for the middleware-based apps on Starlette ---------------------------------------
+
+
+def _middleware_routes(get_session: Callable[[Request], AsyncSession], *, commit: bool) -> list[Route]:
+    """Endpoints that take the request's session from ``get_session``; ``commit``: /insert commits itself."""
+
+    async def session(request: Request) -> Response:
+        get_session(request)
+        return PlainTextResponse(OK)
+
+    async def read(request: Request) -> Response:
+        return PlainTextResponse(await read_one(get_session(request)))
+
+    async def insert(request: Request) -> Response:
+        db = get_session(request)
+        body = await insert_one(db)
+        if commit:
+            await db.commit()
+        return PlainTextResponse(body)
+
+    async def stream(request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            # The session is asked for inside the body, where the streaming code runs.
+            async for chunk in stream_chunks(get_session(request)):
+                yield chunk
+
+        return StreamingResponse(body(), media_type=TEXT)
+
+    async def ten(request: Request) -> Response:
+        return PlainTextResponse(await read_ten(get_session(request)))
+
+    return [
+        Route("/nodb", nodb),
+        Route("/session", session),
+        Route("/read", read),
+        Route("/insert", insert, methods=["POST"]),
+        Route("/stream", stream),
+        Route("/ten", ten),
+    ]
+
+
+# ---- (4) fastapi-async-sqlalchemy's middleware (BaseHTTPMiddleware + a ContextVar proxy `db`) -----------
+
+
+def build_fastapi_async_sqlalchemy(settings: EngineSettings) -> ASGIApp:
+    from fastapi_async_sqlalchemy import SQLAlchemyMiddleware, db
+
+    engine = settings.create_engine()
+
+    def get_session(request: Request) -> AsyncSession:
+        session: AsyncSession = db.session
+        return session
+
+    app = Starlette(routes=_middleware_routes(get_session, commit=True), lifespan=_disposing(engine))
+    # Its sessionmaker always sets expire_on_commit=False; autoflush goes through session_args.
+    app.add_middleware(SQLAlchemyMiddleware, custom_engine=engine, session_args={"autoflush": False})
+    return app
+
+
+# ---- (5) advanced-alchemy's Starlette extension (pure ASGI SessionMiddleware + request.state) ----------
+
+
+def build_advanced_alchemy(settings: EngineSettings) -> ASGIApp:
+    from advanced_alchemy.extensions.starlette import AdvancedAlchemy, AsyncSessionConfig, SQLAlchemyAsyncConfig
+
+    engine = settings.create_engine()
+    config = SQLAlchemyAsyncConfig(
+        engine_instance=engine,
+        session_config=AsyncSessionConfig(expire_on_commit=False, autoflush=False),
+        commit_mode="manual",
+    )
+    # No lifespan of ours: the extension wraps the app's lifespan and disposes engine_instance at shutdown.
+    app = Starlette()
+    alchemy = AdvancedAlchemy(config=config, app=app)
+
+    def get_session(request: Request) -> AsyncSession:
+        session: AsyncSession = alchemy.get_async_session(request)
+        return session
+
+    app.router.routes.extend(_middleware_routes(get_session, commit=True))
+    return app
+
+
+# ---- (6) asgi_db_session ----------------------------------------------------------------------------------
+
+
+def build_asgi_db_session(settings: EngineSettings) -> ASGIApp:
+    from asgi_db_session import DBSessionMiddleware, current_session
+
+    def get_session(request: Request) -> AsyncSession:
+        return current_session()
+
+    app = Starlette(routes=_middleware_routes(get_session, commit=True))
+    # The middleware disposes the engine at lifespan shutdown.
+    app.add_middleware(DBSessionMiddleware, engine=settings.create_engine(), commit_on_success=False)
+    return app
+
+
+def build_asgi_db_session_commit(settings: EngineSettings) -> ASGIApp:
+    """commit_on_success=True: /insert does not commit; the middleware commits before the response starts."""
+    from asgi_db_session import DBSessionMiddleware, current_session
+
+    def get_session(request: Request) -> AsyncSession:
+        return current_session()
+
+    app = Starlette(routes=_middleware_routes(get_session, commit=False))
+    app.add_middleware(DBSessionMiddleware, engine=settings.create_engine(), commit_on_success=True)
+    return app
+
+
+# ---- registry ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    key: str
+    description: str
+    build: Callable[[EngineSettings], ASGIApp]
+    serves_db: bool = True
+    """False: the app has /nodb only."""
+
+
+BARE = "bare"
+HANDWRITTEN = "handwritten"
+OURS = "asgi-db-session"
+
+APPS: dict[str, AppSpec] = {
+    spec.key: spec
+    for spec in (
+        AppSpec(BARE, "Starlette, no middleware, no database", build_bare, serves_db=False),
+        AppSpec(HANDWRITTEN, "Starlette, `async with session_factory()` in each endpoint", build_handwritten),
+        AppSpec("fastapi-depends", "FastAPI, `Depends(get_db)` yield dependency", build_fastapi_depends),
+        AppSpec("fastapi-async-sqlalchemy", "Starlette + fastapi-async-sqlalchemy", build_fastapi_async_sqlalchemy),
+        AppSpec("advanced-alchemy", "Starlette + advanced-alchemy extension", build_advanced_alchemy),
+        AppSpec(OURS, "Starlette + DBSessionMiddleware (manual commit)", build_asgi_db_session),
+        AppSpec(
+            "asgi-db-session-commit",
+            "Starlette + DBSessionMiddleware(commit_on_success=True)",
+            build_asgi_db_session_commit,
+        ),
+        AppSpec("asgi-db-session-fastapi", "FastAPI + DBSessionMiddleware", build_asgi_db_session_fastapi),
+    )
+}
+PEERS = ("fastapi-depends", "fastapi-async-sqlalchemy", "advanced-alchemy")
+
+
+def baseline_for(route: str) -> str:
+    """The app a route's ratios are taken against: bare for /nodb, the hand-written app for DB routes."""
+    return BARE if route == "/nodb" else HANDWRITTEN
+
+
+def describe(key: str) -> dict[str, Any]:
+    spec = APPS[key]
+    return {"key": key, "description": spec.description, "serves_db": spec.serves_db}

@@ -1,0 +1,246 @@
+"""Instructions per request under callgrind: a deterministic overhead figure.
+
+``python benchmarks/instructions.py [--apps ...] [--routes ...] [--small K1] [--large K2]``
+
+For every (app, route) pair a child process serves K1 sequential requests in-process, and another serves
+K2; each runs under ``valgrind --tool=callgrind``, which counts the instructions executed (Ir). Both
+children pay the same start-up (interpreter, imports, app build, lifespan), so
+
+    instructions per request = (Ir(K2) - Ir(K1)) / (K2 - K1)
+
+is the steady-state cost of one request: the ASGI app, the in-process client and the event loop. It does
+not vary with machine load, which throughput does; the apps share everything but the code under test, so
+the ratio of two apps' figures measures that code. Nothing here talks to the database: /nodb never
+does, and /session creates (and closes) a session without running a statement, which checks out no
+connection.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if not __package__:
+    _here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if not p or str(Path(p).resolve()) != _here]
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.apps import APPS, BARE, HANDWRITTEN, OURS
+from benchmarks.common import NODB_ROUTE, EngineSettings, database_url, git_state
+from benchmarks.driver import Lifespan, run_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_APPS = (BARE, HANDWRITTEN, OURS, "asgi-db-session-commit")
+DEFAULT_ROUTES = (NODB_ROUTE, "/session")
+NODB_TARGET = 1.03
+_TOTALS = re.compile(rb"^(?:totals|summary):\s*(\d+)", re.MULTILINE)
+
+
+# ---- the child: K requests, in-process, one at a time --------------------------------------------------------
+
+
+async def _serve(app_key: str, route: str, requests: int) -> int:
+    app = APPS[app_key].build(EngineSettings(url=database_url()))
+    lifespan = Lifespan(app)
+    await lifespan.startup()
+    # Everything alive now (modules, the app) leaves the collector's view: otherwise whether a full
+    # collection of those ~200,000 objects falls between K1 and K2 moves the figure by thousands.
+    gc.collect()
+    gc.freeze()
+    batch = await run_batch(app, route, requests, 1, lifespan.state, limit=3600)
+    await lifespan.shutdown()
+    if batch.errors:
+        print(f"{app_key} {route}: {batch.errors} of {requests} failed; first: {batch.first_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def child(app_key: str, route: str, requests: int, loop: str) -> int:
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_serve(app_key, route, requests))
+
+
+# ---- the parent -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    app: str
+    route: str
+    requests: int
+
+
+def callgrind_ir(job: Job, loop: str, workdir: Path) -> int:
+    """Instructions executed by a child serving ``job.requests`` requests."""
+    out = workdir / f"callgrind.{job.app}.{job.route.strip('/')}.{job.requests}.out"
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        job.app,
+        job.route,
+        str(job.requests),
+        "--loop",
+        loop,
+    ]
+    # A fixed hash seed makes dict and set layouts, and so the instruction counts, repeatable.
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{job}: exit {result.returncode}: {result.stderr.strip()[-2000:]}")
+    match = _TOTALS.search(out.read_bytes())
+    if match is None:
+        raise RuntimeError(f"{job}: no totals line in {out}")
+    return int(match.group(1))
+
+
+def pairs(apps: Sequence[str], routes: Sequence[str]) -> list[tuple[str, str]]:
+    return [(app, route) for route in routes for app in apps if APPS[app].serves_db or route == NODB_ROUTE]
+
+
+def baseline_for(route: str) -> str:
+    return BARE if route == NODB_ROUTE else HANDWRITTEN
+
+
+def render(per_request: dict[tuple[str, str], float], routes: Sequence[str], header: str) -> tuple[str, list[Any]]:
+    lines = [header, ""]
+    rows: list[dict[str, Any]] = []
+    width = max(len(app) for app, _ in per_request)
+    for route in routes:
+        base = baseline_for(route)
+        base_value = per_request.get((base, route))
+        lines.append(f"{route}  (ratio and overhead against {base})")
+        lines.append(f"  {'app':<{width}}  {'instr/request':>13}  {'ratio':>6}  {'overhead':>9}")
+        for (app, r), value in per_request.items():
+            if r != route:
+                continue
+            ratio = value / base_value if base_value else None
+            extra = value - base_value if base_value is not None else None
+            rows.append({"app": app, "route": route, "instructions": value, "baseline": base, "ratio": ratio})
+            ratio_text = "n/a" if ratio is None else f"{ratio:.3f}"
+            extra_text = "n/a" if extra is None else f"{extra:+,.0f}"
+            lines.append(f"  {app:<{width}}  {value:>13,.0f}  {ratio_text:>6}  {extra_text:>9}")
+        lines.append("")
+    ours, bare = per_request.get((OURS, NODB_ROUTE)), per_request.get((BARE, NODB_ROUTE))
+    if ours is not None and bare:
+        verdict = "holds" if ours / bare <= NODB_TARGET else "MISSED"
+        lines.append(f"Target: /nodb {OURS} / {BARE} instructions <= {NODB_TARGET}: {ours / bare:.3f}  {verdict}")
+    return "\n".join(lines), rows
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Instructions per request (callgrind) of asgi_db_session against the bare and hand-written apps.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--apps", default=",".join(DEFAULT_APPS), help="comma-separated apps (see run.py --help)")
+    parser.add_argument("--routes", default=",".join(DEFAULT_ROUTES), help="comma-separated routes that run no query")
+    parser.add_argument("--small", type=int, default=200, help="requests in the first child (K1)")
+    parser.add_argument("--large", type=int, default=1200, help="requests in the second child (K2)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="callgrind children run at once")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop of the children")
+    parser.add_argument("--keep", action="store_true", help="keep the callgrind output files (printed path)")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "instructions.json", help="results file")
+    parser.add_argument("--child", nargs=3, metavar=("APP", "ROUTE", "REQUESTS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.apps = [a.strip() for a in args.apps.split(",") if a.strip()]
+    args.routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    unknown = [a for a in args.apps if a not in APPS]
+    if unknown:
+        parser.error(f"unknown app(s) {', '.join(unknown)}; known: {', '.join(APPS)}")
+    querying = [r for r in args.routes if r not in DEFAULT_ROUTES]
+    if querying:
+        parser.error(f"only routes that run no query give a repeatable count: {', '.join(DEFAULT_ROUTES)}")
+    if not 0 < args.small < args.large:
+        parser.error("need 0 < --small < --large")
+    needed = {baseline_for(route) for route in args.routes}
+    args.apps = [key for key in APPS if key in set(args.apps) | needed]
+    if args.loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            args.loop = "asyncio"
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        app_key, route, requests = args.child
+        return child(app_key, route, int(requests), args.loop)
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    todo = pairs(args.apps, args.routes)
+    jobs = [Job(app, route, k) for app, route in todo for k in (args.small, args.large)]
+    workdir = Path(tempfile.mkdtemp(prefix="bench-callgrind-"))
+    started = time.perf_counter()
+    print(f"{len(jobs)} callgrind runs, {args.jobs} at a time, in {workdir}", file=sys.stderr, flush=True)
+    counts: dict[Job, int] = {}
+    failures: dict[tuple[str, str], str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {job: pool.submit(callgrind_ir, job, args.loop, workdir) for job in jobs}
+        for job, future in futures.items():
+            try:
+                counts[job] = future.result()
+            except Exception as exc:
+                failures[(job.app, job.route)] = str(exc)
+            else:
+                print(f"  {job.app} {job.route} x{job.requests}: {counts[job]:,} Ir", file=sys.stderr, flush=True)
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    per_request: dict[tuple[str, str], float] = {}
+    for app, route in todo:
+        small, large = Job(app, route, args.small), Job(app, route, args.large)
+        if small in counts and large in counts:
+            per_request[(app, route)] = (counts[large] - counts[small]) / (args.large - args.small)
+    header = (
+        f"Instructions per request (callgrind Ir, (Ir(K2) - Ir(K1)) / (K2 - K1), K1={args.small}, K2={args.large}), "
+        f"sequential in-process requests, loop {args.loop}; {time.perf_counter() - started:.0f}s"
+    )
+    text, rows = render(per_request, args.routes, header) if per_request else ("no results", [])
+    print(text)
+    for (app, route), reason in failures.items():
+        print(f"{app} {route}: n/a ({reason})")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "small": args.small,
+        "large": args.large,
+        "loop": args.loop,
+        "git": git_state(),
+        "raw_ir": [{"app": j.app, "route": j.route, "requests": j.requests, "ir": ir} for j, ir in counts.items()],
+        "per_request": rows,
+        "failures": {f"{app} {route}": reason for (app, route), reason in failures.items()},
+    }
+    args.output.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"results written to {args.output}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
