@@ -147,3 +147,21 @@ async def test_a_check_that_takes_too_long_times_out(postgresql_dsn: str) -> Non
         server.close()
         await server.wait_closed()
         await database.dispose()
+
+
+async def test_a_forked_child_drops_the_pool_it_inherited(backend: Backend) -> None:
+    """What os.register_at_fork runs in a child: a new pool, the parent's connections left alone."""
+    from sqlalchemy.util import greenlet_spawn
+
+    from asgi_db_session.database import _forget_inherited_connections
+
+    database = Database(backend.url)
+    assert await database.ping() is True
+    inherited = database.engine.pool
+    assert inherited.checkedin() == 1  # type: ignore[attr-defined]
+    _forget_inherited_connections()
+    assert database.engine.pool is not inherited
+    assert inherited.checkedin() == 1, "the parent's connection must not be closed from the child"  # type: ignore[attr-defined]
+    assert await database.ping() is True
+    await greenlet_spawn(inherited.dispose)  # in a real child it is the parent's to close
+    await database.dispose()
