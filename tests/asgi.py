@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from asgi_db_session._types import ASGIApp, Message
@@ -84,3 +85,22 @@ def websocket_scope(path: str = "/ws") -> dict[str, Any]:
         "subprotocols": [],
         "state": {},
     }
+
+
+@asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (a database that hangs); yields
+    its port."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -22,6 +20,7 @@ from asgi_db_session import (
     session_scope,
 )
 
+from .asgi import silent_server
 from .conftest import Backend, client
 
 pytestmark = pytest.mark.anyio
@@ -128,25 +127,14 @@ async def test_an_unreachable_database_is_reported_without_the_password() -> Non
     await database.dispose()
 
 
-async def test_a_check_that_takes_too_long_times_out(postgresql_dsn: str) -> None:
-    # A server that accepts the connection and never answers the startup message.
-    writers: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    database = Database(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/test")
-    try:
-        with pytest.raises(DatabaseUnavailableError, match="timed out"):
-            await database.check(timeout=0.3)
-    finally:
-        for writer in writers:
-            writer.close()
-        server.close()
-        await server.wait_closed()
-        await database.dispose()
+async def test_a_check_that_takes_too_long_times_out() -> None:
+    async with silent_server() as port:
+        database = Database(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/test")
+        try:
+            with pytest.raises(DatabaseUnavailableError, match="timed out"):
+                await database.check(timeout=0.3)
+        finally:
+            await database.dispose()
 
 
 async def test_a_forked_child_drops_the_pool_it_inherited(backend: Backend) -> None:

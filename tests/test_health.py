@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
@@ -12,6 +11,7 @@ from starlette.routing import Route
 from asgi_db_session import Database
 from asgi_db_session.health import health_endpoint
 
+from .asgi import silent_server
 from .conftest import client
 
 pytestmark = pytest.mark.anyio
@@ -35,27 +35,17 @@ async def test_an_unreachable_database_is_503_without_details() -> None:
 
 
 async def test_a_database_that_hangs_is_503_within_the_timeout() -> None:
-    writers: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    database = Database(f"postgresql://postgres@127.0.0.1:{port}/test", name="hanging")
-    app = Starlette(routes=[Route("/healthz", health_endpoint("hanging", timeout=0.3))])
-    try:
-        async with client(app) as http:
-            started = time.monotonic()
-            response = await http.get("/healthz")
-        assert response.status_code == 503
-        assert time.monotonic() - started < 1.5
-    finally:
-        for writer in writers:
-            writer.close()
-        server.close()
-        await server.wait_closed()
-        await database.dispose()
+    async with silent_server() as port:
+        database = Database(f"postgresql://postgres@127.0.0.1:{port}/test", name="hanging")
+        app = Starlette(routes=[Route("/healthz", health_endpoint("hanging", timeout=0.3))])
+        try:
+            async with client(app) as http:
+                started = time.monotonic()
+                response = await http.get("/healthz")
+            assert response.status_code == 503
+            assert time.monotonic() - started < 1.5
+        finally:
+            await database.dispose()
 
 
 def test_the_timeout_must_be_positive() -> None:
