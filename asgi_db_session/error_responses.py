@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import asyncpg
 from sqlalchemy import exc as sa_exc
 
 from ._types import Message
@@ -70,6 +71,16 @@ def _sqlstate(error: BaseException) -> str | None:
     return None
 
 
+def _protocol_broken(error: BaseException) -> bool:
+    # asyncpg's "cannot switch to state N; another operation is in progress": its protocol state machine is
+    # stuck, which (with sessions guarded against concurrent use) means the server dropped the connection
+    # under it, sometimes before SQLAlchemy has marked the connection invalidated.
+    orig = getattr(error, "orig", None)
+    return any(
+        isinstance(candidate, asyncpg.InternalClientError) for candidate in (orig, getattr(orig, "__cause__", None))
+    )
+
+
 def _sqlite_code(error: BaseException) -> int | None:
     orig = getattr(error, "orig", None)
     for candidate in (orig, getattr(orig, "__cause__", None)):
@@ -89,7 +100,7 @@ def default_error_response(error: BaseException) -> ErrorResponse | None:
         return SERVICE_UNAVAILABLE
     if not isinstance(error, sa_exc.DBAPIError):
         return None
-    if error.connection_invalidated:
+    if error.connection_invalidated or _protocol_broken(error):
         return SERVICE_UNAVAILABLE
     state = _sqlstate(error)
     if state in (UNIQUE_VIOLATION, EXCLUSION_VIOLATION):
