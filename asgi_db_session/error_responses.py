@@ -62,9 +62,15 @@ SERVICE_UNAVAILABLE = ErrorResponse(
 )
 
 
+def _driver_errors(error: BaseException) -> tuple[object, object]:
+    """The driver's error behind a SQLAlchemy one, and its own cause: SQLAlchemy's asyncpg adapter raises an
+    error of its own (with the SQLSTATE copied onto it) whose ``__cause__`` is asyncpg's."""
+    orig = getattr(error, "orig", None)
+    return orig, getattr(orig, "__cause__", None)
+
+
 def _sqlstate(error: BaseException) -> str | None:
-    # SQLAlchemy's asyncpg adapter copies the SQLSTATE onto the error it raises; the asyncpg error is its cause.
-    for candidate in (getattr(error, "orig", None), getattr(getattr(error, "orig", None), "__cause__", None)):
+    for candidate in _driver_errors(error):
         state = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
         if isinstance(state, str):
             return state
@@ -75,15 +81,11 @@ def _protocol_broken(error: BaseException) -> bool:
     # asyncpg's "cannot switch to state N; another operation is in progress": its protocol state machine is
     # stuck, which (with sessions guarded against concurrent use) means the server dropped the connection
     # under it, sometimes before SQLAlchemy has marked the connection invalidated.
-    orig = getattr(error, "orig", None)
-    return any(
-        isinstance(candidate, asyncpg.InternalClientError) for candidate in (orig, getattr(orig, "__cause__", None))
-    )
+    return any(isinstance(candidate, asyncpg.InternalClientError) for candidate in _driver_errors(error))
 
 
 def _sqlite_code(error: BaseException) -> int | None:
-    orig = getattr(error, "orig", None)
-    for candidate in (orig, getattr(orig, "__cause__", None)):
+    for candidate in _driver_errors(error):
         if isinstance(candidate, sqlite3.Error):
             return candidate.sqlite_errorcode
     return None
