@@ -5,6 +5,7 @@ in a router, service or repository.
 """
 
 from ._context import current_session
+from .commit_hooks import on_commit
 from .database import Database, get_database
 from .error_responses import ErrorResponse, default_error_response
 from .exceptions import CommitFailedError, ConcurrentSessionUseError, DatabaseUnavailableError, NoSessionError
@@ -27,5 +28,6 @@ __all__ = [
     "current_session",
     "default_error_response",
     "get_database",
+    "on_commit",
     "session_scope",
 ]

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from .commit_hooks import has_due_hooks, hooks_deferred, run_due_hooks
+
 T = TypeVar("T")
 
 
@@ -45,6 +47,7 @@ async def run_to_completion(coro: Coroutine[Any, Any, T]) -> T:
 
 
 async def _commit_then_close(session: AsyncSession, commit: bool) -> None:
+    hooks_deferred.set(True)  # this runs in a task of its own: the setting ends with it
     try:
         if commit and session.in_transaction():
             await session.commit()
@@ -61,8 +64,20 @@ async def finish(session: AsyncSession, *, commit: bool) -> None:
         await session.close()
         return
     await run_to_completion(_commit_then_close(session, commit))
+    if commit and has_due_hooks(session):
+        await run_due_hooks(session)
 
 
 async def commit(session: AsyncSession) -> None:
-    """Commit, shielded from cancellation: a commit is never left half-sent on the connection."""
-    await run_to_completion(session.commit())
+    """Commit, shielded from cancellation: a commit is never left half-sent on the connection.
+
+    Then the on_commit callbacks that the commit made due, outside the shield.
+    """
+    await run_to_completion(_commit_deferring_hooks(session))
+    if has_due_hooks(session):
+        await run_due_hooks(session)
+
+
+async def _commit_deferring_hooks(session: AsyncSession) -> None:
+    hooks_deferred.set(True)  # in run_to_completion's task of its own: the setting ends with it
+    await session.commit()

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from .commit_hooks import HookSession, has_due_hooks, hooks_deferred, run_due_hooks
 from .exceptions import CONCURRENT_USE, ConcurrentSessionUseError
 
 # How long close() waits for another task's operation on the session before giving up with an error.
@@ -25,7 +26,6 @@ _AsyncMethod = Callable[..., Coroutine[Any, Any, Any]]
 
 # Every AsyncSession method that runs something on the sync Session (close() has its own wrapper below).
 _GUARDED_METHODS = (
-    "commit",
     "connection",
     "delete",
     "delete_all",
@@ -49,6 +49,8 @@ _GUARDED_METHODS = (
 
 class GuardedSession(AsyncSession):
     """The session class the middleware's sessions use unless ``session_options`` names another."""
+
+    sync_session_class = HookSession
 
     _busy_task: asyncio.Task[Any] | None = None
     _idle: asyncio.Event | None = None
@@ -81,6 +83,12 @@ class GuardedSession(AsyncSession):
             except TimeoutError:
                 raise ConcurrentSessionUseError(CONCURRENT_USE.format(method="close")) from None
         await self._run_guarded(AsyncSession.close)
+
+    async def commit(self) -> None:
+        """Commit, then run the on_commit callbacks that the commit made due."""
+        await self._run_guarded(AsyncSession.commit)
+        if has_due_hooks(self) and not hooks_deferred.get():
+            await run_due_hooks(self)
 
 
 def _guard(name: str) -> _AsyncMethod:

@@ -6,13 +6,14 @@ import asyncio
 import logging
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import asyncpg
 from sqlalchemy import event, text
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from ._guarded_session import GuardedSession
@@ -107,6 +108,7 @@ class Database:
         self._cancellations: set[asyncio.Task[None]] = set()
         self._canceller: AsyncEngine | None = None
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
+        self._joined: async_sessionmaker[AsyncSession] | None = None
         _registry[name] = self
         _all_databases.add(self)
 
@@ -196,7 +198,26 @@ class Database:
 
     def new_session(self) -> AsyncSession:
         """A new session; it checks out a connection only when it first runs a statement."""
-        return self.sessionmaker()
+        joined = self._joined
+        return self.sessionmaker() if joined is None else joined()
+
+    @contextmanager
+    def sessions_joining(self, connection: AsyncConnection) -> Iterator[None]:
+        """Inside the block, every new session of this database runs inside ``connection``'s transaction.
+
+        For tests (``asgi_db_session.testing``): the app's sessions use savepoints on that one connection, so
+        the app may commit as it likes and the test still rolls everything back at its end. It applies to the
+        whole Database, not one task: the app may run in another task, or (TestClient) another thread.
+        """
+        if self._joined is not None:
+            raise RuntimeError(f"Sessions of database {self.name!r} already join a connection; blocks do not nest.")
+        self._joined = async_sessionmaker(
+            connection, **{**self.session_options, "join_transaction_mode": "create_savepoint"}
+        )
+        try:
+            yield
+        finally:
+            self._joined = None
 
     # A health check needs its own bound; callers should not have to wrap it in asyncio.timeout().
     async def check(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109

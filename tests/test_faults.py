@@ -19,6 +19,7 @@ import math
 import os
 import sqlite3
 import time
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -256,7 +257,9 @@ class Load:
             try:
                 await app(scope, receive, send)
             except Exception as exc:
-                self.errors.append(f"{type(exc).__module__}.{type(exc).__name__}: {exc!r}"[:500])
+                # The last frames say where it came from: the driver, SQLAlchemy's pool, or this package.
+                frames = "".join(traceback.format_exception(exc)[-6:])
+                self.errors.append(f"{type(exc).__module__}.{type(exc).__name__}: {exc!r}\n{frames}"[:4000])
                 raise
 
         return recording
