@@ -84,6 +84,11 @@ def _protocol_broken(error: BaseException) -> bool:
     return any(isinstance(candidate, asyncpg.InternalClientError) for candidate in _driver_errors(error))
 
 
+def _says_closed(error: BaseException) -> bool:
+    # asyncpg raises a plain InterfaceError, with no code, for any use of a connection that has closed.
+    return "connection is closed" in str(error)
+
+
 def _sqlite_code(error: BaseException) -> int | None:
     for candidate in _driver_errors(error):
         if isinstance(candidate, sqlite3.Error):
@@ -100,6 +105,10 @@ def default_error_response(error: BaseException) -> ErrorResponse | None:
     """
     if isinstance(error, sa_exc.TimeoutError | DatabaseUnavailableError):
         return SERVICE_UNAVAILABLE
+    if isinstance(error, asyncpg.InterfaceError) and _says_closed(error):
+        # asyncpg's own error, not wrapped by SQLAlchemy (seen once under load while every backend was being
+        # terminated): the connection died under the request, as with the wrapped kind below.
+        return SERVICE_UNAVAILABLE
     if not isinstance(error, sa_exc.DBAPIError):
         return None
     if error.connection_invalidated or _protocol_broken(error):
@@ -113,7 +122,7 @@ def default_error_response(error: BaseException) -> ErrorResponse | None:
         return SERVICE_UNAVAILABLE
     if state is not None:
         return None
-    if isinstance(error, sa_exc.InterfaceError) and "connection is closed" in str(error.orig):
+    if isinstance(error, sa_exc.InterfaceError) and _says_closed(error.orig):
         return SERVICE_UNAVAILABLE
     code = _sqlite_code(error)
     if code in (SQLITE_CONSTRAINT_UNIQUE, SQLITE_CONSTRAINT_PRIMARYKEY):
