@@ -84,7 +84,7 @@ def _protocol_broken(error: BaseException) -> bool:
     return any(isinstance(candidate, asyncpg.InternalClientError) for candidate in _driver_errors(error))
 
 
-def _says_closed(error: BaseException) -> bool:
+def _says_closed(error: BaseException | None) -> bool:
     # asyncpg raises a plain InterfaceError, with no code, for any use of a connection that has closed.
     return "connection is closed" in str(error)
 
