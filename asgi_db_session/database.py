@@ -176,16 +176,27 @@ class Database:
             logger.debug("could not end backend %d of a cancelled statement", pid, exc_info=True)
 
     def _connect(self, dialect: Dialect, record: Any, cargs: Any, cparams: Any) -> Any:
-        """Open a DBAPI connection; a refused or reset connect becomes DatabaseUnavailableError.
+        """Open a DBAPI connection; a refused or reset connect, or a refused login, becomes DatabaseUnavailableError.
 
-        The driver raises those as plain OSErrors that SQLAlchemy passes on unwrapped, which would make them
-        indistinguishable from any other network error in the app, and a 500 instead of a 503.
+        The driver raises the first two as plain OSErrors that SQLAlchemy passes on unwrapped, which would make
+        them indistinguishable from any other network error in the app, and a 500 instead of a 503. A login the
+        server refuses (a wrong password, no pg_hba.conf line for the user: SQLSTATE class 28) would otherwise be
+        a 500 with asyncpg's error; the server's text names the user, never the password.
         """
         try:
             return dialect.connect(*cargs, **cparams)
         except OSError as exc:
             raise DatabaseUnavailableError(
                 f"Cannot connect to database {self.name!r} at {self.redacted_url}: {type(exc).__name__}: {exc}"
+            ) from exc
+        except Exception as exc:
+            # SQLAlchemy 2.1 wraps asyncpg's error in one of its adapter (asyncpg's as __cause__); 2.0 does not.
+            refused = exc if isinstance(exc, asyncpg.PostgresError) else exc.__cause__
+            if not isinstance(refused, asyncpg.InvalidAuthorizationSpecificationError):
+                raise
+            raise DatabaseUnavailableError(
+                f"Cannot connect to database {self.name!r} at {self.redacted_url}: the server refused the login: "
+                f"{type(refused).__name__}: {refused}"
             ) from exc
 
     @property

@@ -2,7 +2,8 @@
 
 The shared server on 5432 serves other test runs at the same time and must never be restarted, so the restart
 tests get a cluster of their own: created with Debian's postgresql-common tools (``pg_createcluster``) on a
-free port, listening on 127.0.0.1 only with ``trust`` authentication, and dropped at the end of the session.
+free port, listening on 127.0.0.1 only with ``trust`` authentication (but for one role, ``PASSWORD_ROLE``, that
+logs in with a SCRAM password), and dropped at the end of the session.
 
 Without ``pg_createcluster`` the tests that need it are skipped, with the reason shown; with ``CI`` set they
 fail instead. Creating the cluster needs the right to run the server as the ``postgres`` user (root does).
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import asyncpg
 import pytest
@@ -29,6 +31,14 @@ PG_HBA = """\
 # Written by asgi_db_session's tests/pg_cluster.py: a throwaway cluster, reachable from this machine only.
 local   all   all                  trust
 host    all   all   127.0.0.1/32   trust
+"""
+# A role that logs in with a password (SCRAM), for the wrong-password tests; listed first, as the first line that
+# matches a connection decides. Every other role still gets in without one.
+PASSWORD_ROLE = "adbs_app"
+# With characters a URL must encode ("/", "@", "~"), and no dictionary word a message could hold by chance.
+ROLE_PASSWORD = "Lk5/Wn2@Jd~q"
+PASSWORD_HBA = f"""\
+host    all   {PASSWORD_ROLE}   127.0.0.1/32   scram-sha-256
 """
 # Appended to postgresql.conf (the last setting wins). Throwaway data: a clean (fast) shutdown still writes
 # everything out, and without fsync the cluster starts and restarts sooner.
@@ -59,6 +69,10 @@ class Cluster:
     def url(self) -> str:
         """SQLAlchemy URL, for the middleware."""
         return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{DATABASE}"
+
+    def url_as(self, user: str, password: str) -> str:
+        """SQLAlchemy URL that logs in as ``user`` with ``password`` (percent-encoded into the URL)."""
+        return f"postgresql+asyncpg://{user}:{quote(password, safe='')}@127.0.0.1:{self.port}/{DATABASE}"
 
     def ctl(self, action: str, *options: str) -> list[str]:
         """The pg_ctlcluster command line for ``action`` (start, stop, restart) on this cluster."""
@@ -121,6 +135,20 @@ def _create_database(cluster: Cluster) -> None:
         pool.submit(asyncio.run, create()).result()
 
 
+def _create_password_role(cluster: Cluster) -> None:
+    async def create() -> None:
+        connection = await asyncpg.connect(cluster.dsn, timeout=10)
+        try:
+            # password_encryption is scram-sha-256 by default (PostgreSQL 14+); named for older servers.
+            await connection.execute("SET password_encryption = 'scram-sha-256'")
+            await connection.execute(f"CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD '{ROLE_PASSWORD}'")
+        finally:
+            await connection.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, create()).result()
+
+
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[Cluster]:
     """A running cluster of this session's own, on a free port; dropped (stopped first) at the end."""
@@ -146,11 +174,12 @@ def pg_cluster() -> Iterator[Cluster]:
                 "--no-sync",
             ]
         )
-        (config / "pg_hba.conf").write_text(PG_HBA)
+        (config / "pg_hba.conf").write_text(PASSWORD_HBA + PG_HBA)
         with (config / "postgresql.conf").open("a") as settings:
             settings.write(SETTINGS)
         _run(cluster.ctl("start"))
         _create_database(cluster)
+        _create_password_role(cluster)
         yield cluster
     finally:
         if config.exists():  # also after a creation that failed halfway

@@ -25,6 +25,9 @@ from asgi_db_session import (
 from .asgi import run_lifespan
 from .conftest import client
 from .models import TABLE, Item
+from .pg_cluster import PASSWORD_ROLE, ROLE_PASSWORD, Cluster, pg_cluster
+
+__all__ = ["pg_cluster"]  # the session fixture, imported so that pytest finds it for this module
 
 pytestmark = pytest.mark.anyio
 
@@ -131,3 +134,76 @@ def test_bad_settings_show_no_password(monkeypatch: pytest.MonkeyPatch, environm
         Database()
     assert leaks(str(caught.value)) == []
     assert leaks(format_with_locals(caught.value)) == []
+
+
+# --- a wrong password, on a server that asks for one ----------------------------------------------------------
+
+# Like the issue's "Zx9-Secret@Pw", without its word: "ecre" is a piece of SQLAlchemy's "Pool recreating".
+WRONG_PASSWORD = "Zx9-Sqv7t@Pw"
+BOTH_PIECES = {
+    piece
+    for password in (ROLE_PASSWORD, WRONG_PASSWORD)
+    for piece in {password[i : i + 4] for i in range(len(password) - 3)} | {quote(password, safe="")}
+}
+LOGIN_REFUSED = 'password authentication failed for user "adbs_app"'
+
+
+def wrong_password_leaks(text: str) -> list[str]:
+    """Pieces of the role's real password, or of the wrong one the URL holds, that ``text`` shows."""
+    return sorted(piece for piece in BOTH_PIECES if piece in text)
+
+
+async def test_a_wrong_password_is_a_clear_error_that_shows_no_password(
+    pg_cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a server that asks PASSWORD_ROLE for its password (scram-sha-256), a wrong one in the URL: the check
+    and the startup fail with DatabaseUnavailableError naming the refused login, a request gets a 503, and no
+    4-character piece of either password shows in a message, a traceback's locals, a repr, a response or the
+    DEBUG log (echo, echo_pool="debug")."""
+    caplog.set_level(logging.DEBUG)
+    settings = DatabaseSettings(
+        url=pg_cluster.url_as(PASSWORD_ROLE, WRONG_PASSWORD), echo=True, echo_pool="debug", check_on_startup=True
+    )
+    database = Database(settings=settings)
+
+    with pytest.raises(DatabaseUnavailableError) as caught:
+        await database.check(timeout=10)
+    assert LOGIN_REFUSED in str(caught.value)
+    assert f"{PASSWORD_ROLE}:***@127.0.0.1:{pg_cluster.port}" in str(caught.value)
+    shown = [str(caught.value), format_with_locals(caught.value), repr(database), repr(settings), str(settings)]
+
+    async def endpoint(request: Request) -> Response:
+        await current_session().execute(text("SELECT 1"))
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(DBSessionMiddleware, database=database)
+    channel = await run_lifespan(app)
+    assert channel.types() == ["lifespan.startup.failed"]
+    assert LOGIN_REFUSED in channel.sent[0]["message"]
+    shown.append(channel.sent[0]["message"])
+
+    # Without the startup check, the first request finds out: a 503 (what a client can retry later), logged.
+    unchecked = Database(settings=settings.model_copy(update={"check_on_startup": False}))
+    request_app = Starlette(routes=[Route("/", endpoint)])
+    request_app.add_middleware(DBSessionMiddleware, database=unchecked)
+    async with client(request_app) as http:
+        response = await http.get("/")
+    assert response.status_code == 503
+    shown += [response.text, str(response.headers)]
+    await database.dispose()
+    await unchecked.dispose()
+
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    lines = "\n".join(formatter.format(record) for record in caplog.records)
+    assert "answered 503: DatabaseUnavailableError: Cannot connect to database 'default'" in lines
+    assert LOGIN_REFUSED in lines
+    shown.append(lines)
+    assert [wrong_password_leaks(text) for text in shown] == [[]] * len(shown)
+
+    # The right password gets in: what failed above was the password, not the role or the server's setup.
+    right = Database(pg_cluster.url_as(PASSWORD_ROLE, ROLE_PASSWORD))
+    try:
+        assert await right.ping(timeout=10)
+    finally:
+        await right.dispose()
