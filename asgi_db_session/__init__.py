@@ -10,6 +10,7 @@ from .database import Database, get_database
 from .error_responses import ErrorResponse, default_error_response
 from .exceptions import CommitFailedError, ConcurrentSessionUseError, DatabaseUnavailableError, NoSessionError
 from .middleware import DBSessionMiddleware
+from .route_policy import session_policy
 from .scope import session_scope
 from .settings import DatabaseSettings
 
@@ -29,5 +30,6 @@ __all__ = [
     "default_error_response",
     "get_database",
     "on_commit",
+    "session_policy",
     "session_scope",
 ]

@@ -10,7 +10,12 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
-from .exceptions import NO_SCOPE, SCOPE_ENDED, NoSessionError
+from ._types import Scope
+from .exceptions import NO_SCOPE, NO_SESSION_ROUTE, SCOPE_ENDED, NoSessionError
+from .route_policy import policy_of
+
+# Key of session.info set by the session's own events when it writes (see database.py's ReplicaAwareSession).
+WROTE = "asgi_db_session.wrote"
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -29,16 +34,46 @@ def scope_var(name: str) -> ContextVar[ScopeState | None]:
 
 
 class ScopeState:
-    """One scope's session: created on first use, then given up exactly once by ``end()``."""
+    """One scope's session: created on first use, then given up exactly once by ``end()``.
 
-    __slots__ = ("commit_on_success", "database", "ended", "session")
+    A request's state also holds the ASGI scope until the endpoint's ``session_policy`` has been read from
+    it; a session_scope()'s state holds the state it was opened in (``outer``).
+    """
 
-    def __init__(self, database: Database, commit_on_success: bool, session: AsyncSession | None = None) -> None:
+    __slots__ = (
+        "asgi_scope",
+        "commit_on_success",
+        "database",
+        "ended",
+        "forbidden_by",
+        "outer",
+        "read_only",
+        "session",
+        "wrote",
+    )
+
+    def __init__(
+        self,
+        database: Database,
+        commit_on_success: bool,
+        session: AsyncSession | None = None,
+        asgi_scope: Scope | None = None,
+        outer: ScopeState | None = None,
+        read_only: bool = False,
+    ) -> None:
         self.database = database
         # The policy of this scope: a session_scope() opened inside it follows it unless told otherwise.
         self.commit_on_success = commit_on_success
+        self.read_only = read_only
         self.session = session
         self.ended = False
+        self.asgi_scope = asgi_scope
+        self.outer = outer
+        # The endpoint marked session_policy(session=False), if this request's is.
+        self.forbidden_by: str | None = None
+        # Set when a session of this scope, or of a scope opened in it, wrote (databases with replicas only):
+        # reads that follow in the same request then stay on the primary, which a replica may lag behind.
+        self.wrote = False
 
     def open(self) -> AsyncSession:
         """The scope's session, created now if this is the first call."""
@@ -46,13 +81,55 @@ class ScopeState:
         if session is None:
             if self.ended:
                 raise NoSessionError(SCOPE_ENDED.format(name=self.database.name))
-            session = self.session = self.database.new_session()
+            if self.asgi_scope is not None:
+                self.apply_route_policy()
+            if self.forbidden_by is not None:
+                raise NoSessionError(NO_SESSION_ROUTE.format(name=self.database.name, endpoint=self.forbidden_by))
+            read_only = self.read_only
+            session = self.session = self.database.new_session(
+                read_only=read_only, on_primary=read_only and self.after_write()
+            )
         return session
+
+    def apply_route_policy(self) -> None:
+        """Take the endpoint's session_policy, once, from the ASGI scope where the router left the endpoint.
+
+        Done when the session is created (in the endpoint or below it), not when the request starts: the
+        middleware runs before the router. A session made before routing (by a middleware inside this one)
+        gets the middleware's policy.
+        """
+        asgi_scope, self.asgi_scope = self.asgi_scope, None
+        policy = None if asgi_scope is None else policy_of(asgi_scope)
+        if policy is None:
+            return
+        if not policy.session:
+            self.forbidden_by = policy.endpoint
+        if policy.commit_on_success is not None:
+            self.commit_on_success = policy.commit_on_success
+        self.read_only = policy.read_only
+
+    def after_write(self) -> bool:
+        """Whether this scope, or a scope it was opened in, has written: a read must then see the primary."""
+        state: ScopeState | None = self
+        while state is not None:
+            if state.wrote or (
+                not state.read_only and state.session is not None and state.session.sync_session.info.get(WROTE)
+            ):
+                return True
+            state = state.outer
+        return False
 
     def end(self) -> AsyncSession | None:
         """Close the scope to new use and hand over its session (None if none was created) for closing."""
         session, self.session = self.session, None
         self.ended = True
+        if session is not None and not self.read_only and session.sync_session.info.get(WROTE):
+            # Kept on every enclosing scope: a later block of the same request must know, not only this one.
+            # (A read-only session cannot have written: the server refused.)
+            state: ScopeState | None = self
+            while state is not None:
+                state.wrote = True
+                state = state.outer
         return session
 
 

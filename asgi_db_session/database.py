@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy.pool import NullPool
 
 from ._guarded_session import GuardedSession
 from ._urls import redact_url
+from ._write_tracking import WriteTrackingSession
 from .exceptions import NO_DATABASE, DatabaseUnavailableError, NoSessionError
 from .settings import DatabaseSettings, settings_from_environment
 
@@ -41,8 +43,9 @@ def _forget_inherited_connections() -> None:
     replaces each pool without touching the parent's connections, so the child opens its own.
     """
     for database in list(_all_databases):
-        if database._engine is not None:
-            database._engine.sync_engine.dispose(close=False)
+        for engine in [database._engine, *(database._replica_engines or ())]:
+            if engine is not None:
+                engine.sync_engine.dispose(close=False)
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
@@ -83,6 +86,7 @@ class Database:
         session_options: Mapping[str, Any] | None = None,
         engine_options: Mapping[str, Any] | None = None,
         check_on_startup: bool | None = None,
+        replicas: Sequence[str] | None = None,
     ) -> None:
         # Set first, so that repr() works on a Database whose construction failed (a traceback printing locals).
         self.name = name
@@ -109,11 +113,35 @@ class Database:
         self._canceller: AsyncEngine | None = None
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
         self._joined: async_sessionmaker[AsyncSession] | None = None
+        self._replica_settings = self._settings_of_replicas(replicas)
+        self._replica_engines: list[AsyncEngine] | None = None
+        self._read_only_makers: Iterator[async_sessionmaker[AsyncSession]] | None = None
+        self._primary_read_only: async_sessionmaker[AsyncSession] | None = None
         _registry[name] = self
         _all_databases.add(self)
 
     def __repr__(self) -> str:
-        return f"Database(name={self.name!r}, url={self.redacted_url!r}, commit_on_success={self.commit_on_success})"
+        replicas = getattr(self, "_replica_settings", None)
+        shown = f", replicas={[replica.redacted_url for replica in replicas]!r}" if replicas else ""
+        return (
+            f"Database(name={self.name!r}, url={self.redacted_url!r}{shown}, "
+            f"commit_on_success={self.commit_on_success})"
+        )
+
+    def _settings_of_replicas(self, replicas: Sequence[str] | None) -> list[DatabaseSettings]:
+        """One DatabaseSettings per replica: the primary's pool and driver settings, the replica's URL."""
+        if isinstance(replicas, str):
+            raise TypeError("replicas= takes a list of URLs, not one string: replicas=[url].")
+        urls = list(replicas) if replicas is not None else []
+        if self.settings is not None and not urls:
+            urls = list(self.settings.replica_urls)
+        if not urls:
+            return []
+        if self.settings is None:
+            raise ValueError("replicas= needs url= or settings= for the primary: engine= gives no settings to share.")
+        return [
+            settings_from_environment(**{**self.settings.model_dump(), "url": url, "replica_urls": []}) for url in urls
+        ]
 
     @property
     def redacted_url(self) -> str:
@@ -204,13 +232,55 @@ class Database:
         """The factory behind every session of this database."""
         factory = self._sessionmaker
         if factory is None:
-            factory = self._sessionmaker = async_sessionmaker(self.engine, **self.session_options)
+            factory = self._sessionmaker = self._maker(self.engine)
         return factory
 
-    def new_session(self) -> AsyncSession:
-        """A new session; it checks out a connection only when it first runs a statement."""
+    @property
+    def replica_engines(self) -> list[AsyncEngine]:
+        """The replicas' engines (created on first access), in the order given; empty without replicas."""
+        engines = self._replica_engines
+        if engines is None:
+            engines = self._replica_engines = []
+            for replica in self._replica_settings:
+                engine = create_async_engine(
+                    replica.engine_url(), **{**replica.engine_options(), **self._engine_options}
+                )
+                event.listen(engine.sync_engine, "do_connect", self._connect)
+                engines.append(engine)
+        return engines
+
+    def new_session(self, *, read_only: bool = False, on_primary: bool = False) -> AsyncSession:
+        """A new session; it checks out a connection only when it first runs a statement.
+
+        ``read_only``: its transactions are READ ONLY (PostgreSQL enforces it), on the next replica in turn,
+        or on the primary when there is none or ``on_primary`` (the request wrote, and a replica may lag).
+        """
         joined = self._joined
-        return self.sessionmaker() if joined is None else joined()
+        if joined is not None:
+            return joined()
+        if not read_only:
+            return self.sessionmaker()
+        if on_primary or not self._replica_settings:
+            return self._primary_read_only_maker()()
+        makers = self._read_only_makers
+        if makers is None:
+            makers = self._read_only_makers = itertools.cycle(
+                [self._maker(engine.execution_options(postgresql_readonly=True)) for engine in self.replica_engines]
+            )
+        return next(makers)()
+
+    def _maker(self, engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+        options = dict(self.session_options)
+        if self._replica_settings and options.get("class_") is GuardedSession:
+            # Tells the request which of its reads must stay on the primary; only with replicas, as it costs.
+            options.setdefault("sync_session_class", WriteTrackingSession)
+        return async_sessionmaker(engine, **options)
+
+    def _primary_read_only_maker(self) -> async_sessionmaker[AsyncSession]:
+        maker = self._primary_read_only
+        if maker is None:
+            maker = self._primary_read_only = self._maker(self.engine.execution_options(postgresql_readonly=True))
+        return maker
 
     @contextmanager
     def sessions_joining(self, connection: AsyncConnection) -> Iterator[None]:
@@ -260,3 +330,5 @@ class Database:
             await self._canceller.dispose()
         if self._engine is not None:
             await self._engine.dispose()
+        for engine in self._replica_engines or ():
+            await engine.dispose()

@@ -23,6 +23,10 @@ SCOPE_ENDED = (
     "request (a task started with asyncio.create_task, say). Open a session of its own with "
     "`async with session_scope({name!r}) as session:`."
 )
+NO_SESSION_ROUTE = (
+    "No database session for {name!r} here: the endpoint {endpoint} is marked session_policy(session=False). "
+    "Remove that marker, or open a session explicitly with `async with session_scope({name!r}):`."
+)
 NO_DATABASE = (
     "No database named {name!r} is configured: create Database(url=..., name={name!r}) or add "
     "DBSessionMiddleware(app, name={name!r}, ...) before opening session_scope({name!r})."

@@ -113,36 +113,8 @@ class DBSessionMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        if self.commit_on_success:
-            await self._run_committing(scope, receive, send)
-            return
-        # The manual policy, written out here rather than in a method of its own: this is every request's
-        # path, and a coroutine call fewer is a measurable share of a request that never touches the database.
-        # The app commits what it wants; whatever is left open is rolled back at the end.
-        state = ScopeState(self.database, False)
-        token = self._var.set(state)
-        started = False
-
-        # A plain function that returns send's awaitable: a valid ASGI send without a coroutine of its own.
-        def send_wrapper(message: Message) -> Awaitable[None]:
-            nonlocal started
-            started = True
-            return send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        except Exception as exc:
-            if started or not await self._answer_error(scope, send, exc):
-                raise
-        finally:
-            self._var.reset(token)
-            session = state.end()
-            if session is not None:
-                await finish(session, commit=False)
-
-    async def _run_committing(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """commit_on_success policy; see the class docstring."""
-        state = ScopeState(self.database, True)
+        # The policy may change when the session is created: the endpoint's session_policy() is read then.
+        state = ScopeState(self.database, self.commit_on_success, None, scope)
         token = self._var.set(state)
         name = self.database.name
         started = False  # the response (or the WebSocket) got going: work may be committed at the end
@@ -152,6 +124,8 @@ class DBSessionMiddleware:
         # then the failure is an expected outcome (logged as a warning), not a crash (raised to the server).
         failure_response: ErrorResponse | None = None
 
+        # A plain function that returns send's awaitable: a valid ASGI send without a coroutine of its own on
+        # the common path, a measurable share of a request that never touches the database.
         def send_wrapper(message: Message) -> Awaitable[None]:
             nonlocal started, keep
             session = state.session
@@ -159,9 +133,9 @@ class DBSessionMiddleware:
             if (
                 failure is None
                 and message_type in _HTTP_SEND_TYPES
-                and (session is None or not session.in_transaction())
+                and (session is None or not state.commit_on_success or not session.in_transaction())
             ):
-                # Nothing to commit: note what the message says and pass it on, without a coroutine of our own.
+                # Nothing to commit: note what the message says and pass it on.
                 if message_type == "http.response.start":
                     if message["status"] >= 400:
                         keep = False
@@ -178,7 +152,7 @@ class DBSessionMiddleware:
             if message_type in _START_TYPES:
                 if message["status"] >= 400:
                     keep = False
-                elif session is not None and session.in_transaction():
+                elif session is not None and state.commit_on_success and session.in_transaction():
                     try:
                         await commit(session)
                     except Exception as exc:
@@ -195,7 +169,13 @@ class DBSessionMiddleware:
             elif message_type in _FINAL_BODY_TYPES:
                 # Work done while streaming is committed before the last chunk, so that a failure still
                 # reaches the client as a broken response instead of a complete one.
-                if keep and session is not None and not message.get("more_body", False) and session.in_transaction():
+                if (
+                    keep
+                    and session is not None
+                    and state.commit_on_success
+                    and not message.get("more_body", False)
+                    and session.in_transaction()
+                ):
                     try:
                         await commit(session)
                     except Exception as exc:
@@ -210,7 +190,7 @@ class DBSessionMiddleware:
                 keep = False
             await send(message)
 
-        if scope["type"] == "websocket":
+        if scope_type == "websocket":
             websocket_receive = receive
 
             async def receive_wrapper() -> Message:
@@ -238,7 +218,7 @@ class DBSessionMiddleware:
             self._var.reset(token)
             session = state.end()
             if session is not None:
-                await finish(session, commit=keep and started)
+                await finish(session, commit=keep and started and state.commit_on_success)
         if failure is not None:
             if failure_response is None:
                 # The app caught the error we raised into it; the server must still hear of it.

@@ -13,24 +13,33 @@ from .database import get_database
 
 
 class _SessionScope(AbstractAsyncContextManager[AsyncSession]):
-    __slots__ = ("_commit", "_name", "_state", "_token")
+    __slots__ = ("_commit", "_name", "_read_only", "_state", "_token")
 
-    def __init__(self, name: str, commit: bool | None) -> None:
+    def __init__(self, name: str, commit: bool | None, read_only: bool | None) -> None:
         self._name = name
         self._commit = commit
+        self._read_only = read_only
 
     async def __aenter__(self) -> AsyncSession:
         var = scope_var(self._name)
         outer = var.get()
         # Inside a request, the request's database wins over the registry: it is the one this app runs on.
         if outer is not None:
-            database, policy = outer.database, outer.commit_on_success
+            if outer.asgi_scope is not None:
+                outer.apply_route_policy()  # the endpoint's policy, which this block follows by default
+            database, policy, read_only = outer.database, outer.commit_on_success, outer.read_only
         else:
             database = get_database(self._name)
-            policy = database.commit_on_success
-        session = database.new_session()
-        self._state = ScopeState(database, policy if self._commit is None else self._commit, session)
-        self._token = var.set(self._state)
+            policy, read_only = database.commit_on_success, False
+        if self._read_only is not None:
+            read_only = self._read_only
+        state = self._state = ScopeState(
+            database, policy if self._commit is None else self._commit, outer=outer, read_only=read_only
+        )
+        session = state.session = database.new_session(
+            read_only=read_only, on_primary=read_only and state.after_write()
+        )
+        self._token = var.set(state)
         return session
 
     async def __aexit__(
@@ -42,7 +51,9 @@ class _SessionScope(AbstractAsyncContextManager[AsyncSession]):
         await finish(session, commit=self._state.commit_on_success and exc_type is None)
 
 
-def session_scope(name: str = "default", *, commit: bool | None = None) -> AbstractAsyncContextManager[AsyncSession]:
+def session_scope(
+    name: str = "default", *, commit: bool | None = None, read_only: bool | None = None
+) -> AbstractAsyncContextManager[AsyncSession]:
     """Open a NEW session for the block, and make it what ``current_session(name)`` returns inside it.
 
     Works in scripts, workers and tests (the database must exist: a ``Database`` created, or the middleware
@@ -50,5 +61,9 @@ def session_scope(name: str = "default", *, commit: bool | None = None) -> Abstr
     On leaving the block the session commits when ``commit`` is true and no exception is propagating, rolls
     back otherwise, and is always closed. ``commit=None`` follows the scope around the block: inside a
     request, the middleware's ``commit_on_success``; elsewhere, the database's.
+
+    ``read_only=True`` makes the block's transactions READ ONLY (PostgreSQL enforces it) and sends them to a
+    replica when the database has replicas, unless the request already wrote: then to the primary, which
+    has that write. ``None`` follows the scope around the block (a ``session_policy(read_only=True)`` route).
     """
-    return _SessionScope(name, commit)
+    return _SessionScope(name, commit, read_only)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.pool import QueuePool
@@ -55,6 +55,8 @@ class DatabaseSettings(BaseSettings):
 
     url: str | None = Field(default=None, repr=False)
     """The database URL. ``postgresql://`` and ``sqlite://`` get their async driver (asyncpg, aiosqlite)."""
+    replica_urls: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+    """Read replicas (``DATABASE_REPLICA_URLS``, comma-separated): read-only sessions go to them in turn."""
     echo: bool = False
     echo_pool: bool | Literal["debug"] = False
     pool_size: int = Field(default=5, ge=0)
@@ -88,6 +90,19 @@ class DatabaseSettings(BaseSettings):
             return None
         return to_async_url(value).render_as_string(hide_password=False)
 
+    @field_validator("replica_urls", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        # A URL holds no unencoded comma, so a comma-separated list reads back unambiguously.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("replica_urls")
+    @classmethod
+    def _async_drivers(cls, value: list[str]) -> list[str]:
+        return [to_async_url(url).render_as_string(hide_password=False) for url in value]
+
     @model_validator(mode="after")
     def _asyncpg_only_settings_need_asyncpg(self) -> DatabaseSettings:
         # An ignored setting would be a silent surprise (a statement timeout that never fires).
@@ -102,6 +117,9 @@ class DatabaseSettings(BaseSettings):
         # getattr: repr() also runs on an instance whose validation failed, when a traceback shows locals.
         url = getattr(self, "url", None)
         yield "url", None if url is None else redact_url(url)
+        replicas = getattr(self, "replica_urls", None)
+        if replicas:
+            yield "replica_urls", [redact_url(replica) for replica in replicas]
         yield from super().__repr_args__()
 
     @property
