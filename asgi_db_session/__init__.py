@@ -10,6 +10,7 @@ from .database import Database, get_database
 from .error_responses import ErrorResponse, default_error_response
 from .exceptions import CommitFailedError, ConcurrentSessionUseError, DatabaseUnavailableError, NoSessionError
 from .middleware import DBSessionMiddleware
+from .query_insight import QueryStats, query_stats
 from .route_policy import session_policy
 from .scope import session_scope
 from .settings import DatabaseSettings
@@ -25,11 +26,13 @@ __all__ = [
     "DatabaseUnavailableError",
     "ErrorResponse",
     "NoSessionError",
+    "QueryStats",
     "__version__",
     "current_session",
     "default_error_response",
     "get_database",
     "on_commit",
+    "query_stats",
     "session_policy",
     "session_scope",
 ]

@@ -21,6 +21,7 @@ from ._guarded_session import GuardedSession
 from ._urls import redact_url
 from ._write_tracking import WriteTrackingSession
 from .exceptions import NO_DATABASE, DatabaseUnavailableError, NoSessionError
+from .query_insight import count_queries_on
 from .settings import DatabaseSettings, settings_from_environment
 
 # Recommended for async code: no lazy loads after commit, no implicit IO from autoflush.
@@ -117,6 +118,7 @@ class Database:
         self._replica_engines: list[AsyncEngine] | None = None
         self._read_only_makers: Iterator[async_sessionmaker[AsyncSession]] | None = None
         self._primary_read_only: async_sessionmaker[AsyncSession] | None = None
+        self._counting_queries = False
         _registry[name] = self
         _all_databases.add(self)
 
@@ -158,6 +160,8 @@ class Database:
             options = {**self.settings.engine_options(), **self._engine_options}
             self._engine = create_async_engine(self.settings.engine_url(), **options)
             event.listen(self._engine.sync_engine, "do_connect", self._connect)
+            if self._counting_queries:
+                count_queries_on(self._engine.sync_engine, self.name)
             if self._engine.dialect.driver == "asyncpg" and not self._server_ends_orphans():
                 event.listen(self._engine.sync_engine.pool, "invalidate", self._cancel_orphaned_statement)
         return self._engine
@@ -235,6 +239,16 @@ class Database:
             factory = self._sessionmaker = self._maker(self.engine)
         return factory
 
+    def count_queries(self) -> None:
+        """Count each scope's statements and database time from now on (see ``query_stats()``)."""
+        if self._counting_queries:
+            return
+        self._counting_queries = True
+        # Engines made from now on get the events as they are created; these exist already.
+        for engine in [self._engine, *(self._replica_engines or ())]:
+            if engine is not None:
+                count_queries_on(engine.sync_engine, self.name)
+
     @property
     def replica_engines(self) -> list[AsyncEngine]:
         """The replicas' engines (created on first access), in the order given; empty without replicas."""
@@ -246,6 +260,8 @@ class Database:
                     replica.engine_url(), **{**replica.engine_options(), **self._engine_options}
                 )
                 event.listen(engine.sync_engine, "do_connect", self._connect)
+                if self._counting_queries:
+                    count_queries_on(engine.sync_engine, self.name)
                 engines.append(engine)
         return engines
 

@@ -14,6 +14,7 @@ from ._types import ASGIApp, Message, Receive, Scope, Send
 from .database import Database
 from .error_responses import INTERNAL_SERVER_ERROR, ErrorResponse, ErrorResponseMapper, default_error_response
 from .exceptions import COMMIT_FAILED, COMMIT_FAILED_LATE, CommitFailedError
+from .query_insight import QueryStats, stats_var, warn_if_over
 from .settings import DatabaseSettings
 
 # Messages that end an HTTP response: the last chance to fail it visibly if a late commit fails.
@@ -42,6 +43,18 @@ def _log_answered(scope: Scope, error: BaseException, response: ErrorResponse) -
     )
 
 
+def _with_server_timing(send: Send, stats: QueryStats, name: str) -> Send:
+    """``send``, adding this request's database time to the response's Server-Timing header as it starts."""
+
+    def timing_send(message: Message) -> Awaitable[None]:
+        if message["type"] == "http.response.start":
+            headers = [*message.get("headers", ()), (b"server-timing", stats.server_timing(name))]
+            message = {**message, "headers": headers}
+        return send(message)
+
+    return timing_send
+
+
 class DBSessionMiddleware:
     """Give every HTTP request and WebSocket connection one AsyncSession, reached with current_session().
 
@@ -56,6 +69,11 @@ class DBSessionMiddleware:
     ``error_response`` maps a database error (from the failed commit, or escaping the app before its
     response started) to the response the client gets: 409 for a unique violation, 503 with Retry-After for
     what a retry can fix (see ``default_error_response``); None leaves it a 500.
+
+    ``count_queries=True`` counts each request's statements and database time (``query_stats()``);
+    ``server_timing=True`` also sends them as a ``Server-Timing: db;dur=...;desc="N queries"`` header;
+    ``warn_over_queries=N`` logs a warning naming the route when a request runs more than N statements.
+    Either of the last two implies the first. Off by default: counting costs two engine events per statement.
     """
 
     def __init__(
@@ -71,6 +89,9 @@ class DBSessionMiddleware:
         session_options: Mapping[str, Any] | None = None,
         dispose_on_shutdown: bool = True,
         error_response: ErrorResponseMapper = default_error_response,
+        count_queries: bool = False,
+        server_timing: bool = False,
+        warn_over_queries: int | None = None,
     ) -> None:
         given = [
             arg
@@ -101,6 +122,12 @@ class DBSessionMiddleware:
         self.dispose_on_shutdown = dispose_on_shutdown
         self.error_response = error_response
         self._var = scope_var(database.name)
+        self.server_timing = server_timing
+        self.warn_over_queries = warn_over_queries
+        self._counting = count_queries or server_timing or warn_over_queries is not None
+        if self._counting:
+            database.count_queries()
+        self._stats_var = stats_var(database.name)
 
     def __repr__(self) -> str:
         return f"DBSessionMiddleware(database={self.database!r}, commit_on_success={self.commit_on_success})"
@@ -113,10 +140,16 @@ class DBSessionMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
+        name = self.database.name
+        counting = self._counting
+        if counting:
+            stats = QueryStats()
+            stats_token = self._stats_var.set(stats)
+            if self.server_timing:
+                send = _with_server_timing(send, stats, name)
         # The policy may change when the session is created: the endpoint's session_policy() is read then.
         state = ScopeState(self.database, self.commit_on_success, None, scope)
         token = self._var.set(state)
-        name = self.database.name
         started = False  # the response (or the WebSocket) got going: work may be committed at the end
         keep = True  # nothing has said "roll back" yet
         failure: CommitFailedError | None = None
@@ -219,6 +252,10 @@ class DBSessionMiddleware:
             session = state.end()
             if session is not None:
                 await finish(session, commit=keep and started and state.commit_on_success)
+            if counting:
+                self._stats_var.reset(stats_token)
+                if self.warn_over_queries is not None:
+                    warn_if_over(scope, name, stats, self.warn_over_queries)
         if failure is not None:
             if failure_response is None:
                 # The app caught the error we raised into it; the server must still hear of it.
