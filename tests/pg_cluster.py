@@ -149,14 +149,16 @@ def _create_password_role(cluster: Cluster) -> None:
         pool.submit(asyncio.run, create()).result()
 
 
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[Cluster]:
-    """A running cluster of this session's own, on a free port; dropped (stopped first) at the end."""
-    if shutil.which("pg_createcluster") is None:
-        reason = "pg_createcluster (Debian's postgresql-common) is not installed, so no throwaway cluster to restart"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI is set, so the restart tests must run: apt-get install postgresql-common")
-        pytest.skip(reason)
+class _Shared:
+    """The one cluster of this process. Every test module that imports ``pg_cluster`` has a session fixture of
+    its own, and all of them get this cluster: created by the first, dropped after the last has finished."""
+
+    cluster: Cluster | None = None
+    config: Path | None = None
+    holders = 0
+
+
+def _create_cluster() -> tuple[Cluster, Path]:
     version = _installed_version()
     cluster = Cluster(version, f"adbs_restart_{os.getpid()}", _free_port())
     config = Path(os.environ.get("PG_CLUSTER_CONF_ROOT", "/etc/postgresql")) / cluster.version / cluster.name
@@ -180,7 +182,34 @@ def pg_cluster() -> Iterator[Cluster]:
         _run(cluster.ctl("start"))
         _create_database(cluster)
         _create_password_role(cluster)
+    except BaseException:
+        _drop_cluster(cluster, config)
+        raise
+    return cluster, config
+
+
+def _drop_cluster(cluster: Cluster, config: Path) -> None:
+    if config.exists():  # also after a creation that failed halfway
+        _run(["pg_dropcluster", "--stop", cluster.version, cluster.name])
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """A running cluster of this session's own, on a free port; dropped (stopped first) at the end."""
+    if shutil.which("pg_createcluster") is None:
+        reason = "pg_createcluster (Debian's postgresql-common) is not installed, so no throwaway cluster to restart"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI is set, so the restart tests must run: apt-get install postgresql-common")
+        pytest.skip(reason)
+    if _Shared.cluster is None:
+        _Shared.cluster, _Shared.config = _create_cluster()
+    cluster, config = _Shared.cluster, _Shared.config
+    assert config is not None
+    _Shared.holders += 1
+    try:
         yield cluster
     finally:
-        if config.exists():  # also after a creation that failed halfway
-            _run(["pg_dropcluster", "--stop", cluster.version, cluster.name])
+        _Shared.holders -= 1
+        if _Shared.holders == 0:
+            _Shared.cluster = _Shared.config = None
+            _drop_cluster(cluster, config)
