@@ -1,0 +1,285 @@
+"""A primary and a streaming hot standby of this test run's own, for the read replica tests.
+
+Both are throwaway clusters made with Debian's postgresql-common tools, like tests/pg_cluster.py's (whose
+helpers this uses): on free ports of 127.0.0.1, ``trust`` authentication, ``fsync = off``. The primary also
+accepts replication connections from 127.0.0.1; the standby is a ``pg_basebackup -R`` of it (``-R`` writes
+``primary_conninfo`` and ``standby.signal``), streaming the primary's WAL and answering read-only queries.
+Both are dropped at the end of the session. The shared server on 5432 is never touched.
+
+The fixture yields once the standby is in recovery and has replayed a row written on the primary. Without
+``pg_createcluster`` or ``pg_basebackup`` the tests are skipped, with the reason shown; with ``CI`` set they
+fail instead. Creating the clusters needs the right to run them as the ``postgres`` user (root does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from .pg_cluster import (
+    COMMAND_TIMEOUT,
+    DATABASE,
+    PG_HBA,
+    SETTINGS,
+    Cluster,
+    _create_database,
+    _free_port,
+    _installed_version,
+    _run,
+)
+
+# Replication connections (pg_basebackup, the standby's WAL receiver) from this machine only, no password.
+REPLICATION_HBA = """\
+local   replication   all                  trust
+host    replication   all   127.0.0.1/32   trust
+"""
+PRIMARY_SETTINGS = """
+# Added by asgi_db_session's tests/pg_replica.py.
+wal_level = replica
+max_wal_senders = 4
+"""
+# hot_standby is on by default; named so that the config says what the cluster is for.
+STANDBY_SETTINGS = """
+# Added by asgi_db_session's tests/pg_replica.py.
+hot_standby = on
+"""
+# Roles the tests can connect to the standby as, to tell apart two replica URLs of the same server. Made on the
+# primary (roles are replicated like everything else) as superusers: the cluster is a throwaway one.
+READERS = ("adbs_reader_a", "adbs_reader_b")
+MARKER = "adbs_replica_marker"
+REPLAY_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class ReplicaSet:
+    """A primary and its hot standby, with URLs for the middleware and DSNs for asyncpg."""
+
+    primary: Cluster
+    standby: Cluster
+    setup_seconds: float
+    """How long creating both clusters and waiting for the first replayed row took."""
+
+    @property
+    def primary_url(self) -> str:
+        return self.primary.url
+
+    @property
+    def standby_url(self) -> str:
+        return self.standby.url
+
+    def standby_url_as(self, role: str) -> str:
+        """The standby's SQLAlchemy URL, connecting as ``role`` (one of ``READERS``)."""
+        return f"postgresql+asyncpg://{role}@127.0.0.1:{self.standby.port}/{DATABASE}"
+
+    async def wait_until_replayed(self, timeout: float = REPLAY_TIMEOUT) -> None:  # noqa: ASYNC109
+        """Return once the standby has replayed everything the primary has written so far."""
+        await wait_until_replayed(self.primary.dsn, self.standby.dsn, timeout)
+
+    @asynccontextmanager
+    async def replay_paused(self) -> AsyncIterator[None]:
+        """Inside the block the standby receives WAL but applies none of it: it sees no new write."""
+        await _execute(self.standby.dsn, "SELECT pg_wal_replay_pause()")
+        try:
+            yield
+        finally:
+            await _execute(self.standby.dsn, "SELECT pg_wal_replay_resume()")
+
+
+async def _execute(dsn: str, sql: str) -> None:
+    connection = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+async def wait_until_replayed(primary_dsn: str, standby_dsn: str, timeout: float = REPLAY_TIMEOUT) -> None:  # noqa: ASYNC109
+    """Return once the standby at ``standby_dsn`` has replayed the primary's WAL up to its position now."""
+    primary = await asyncpg.connect(primary_dsn, timeout=10)
+    try:
+        target = await primary.fetchval("SELECT pg_current_wal_lsn()")
+    finally:
+        await primary.close()
+    standby = await asyncpg.connect(standby_dsn, timeout=10)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                if await standby.fetchval("SELECT pg_last_wal_replay_lsn() >= $1", target):
+                    return
+                await asyncio.sleep(0.01)
+    finally:
+        await standby.close()
+
+
+def _binaries_or_skip() -> None:
+    missing = [name for name in ("pg_createcluster", "pg_basebackup") if shutil.which(name) is None]
+    if missing:
+        reason = f"{' and '.join(missing)} not installed (Debian: apt-get install postgresql), so no replica to test"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI is set, so the replica tests must run")
+        pytest.skip(reason)
+
+
+def _create_primary(cluster: Cluster, config: Path) -> None:
+    """pg_createcluster (not started), with this module's access rules and settings."""
+    _run(
+        [
+            "pg_createcluster",
+            "--quiet",
+            "--start-conf=manual",
+            "--port",
+            str(cluster.port),
+            cluster.version,
+            cluster.name,
+            "--",
+            "--no-sync",
+        ]
+    )
+    (config / "pg_hba.conf").write_text(PG_HBA + REPLICATION_HBA)
+    with (config / "postgresql.conf").open("a") as conf:
+        conf.write(SETTINGS + PRIMARY_SETTINGS)
+
+
+def _data_directory(cluster: Cluster) -> Path:
+    """The cluster's data directory, as pg_lsclusters reports it."""
+    output = subprocess.run(
+        ["pg_lsclusters", "--no-header", cluster.version, cluster.name],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=True,
+    ).stdout.split()
+    return Path(output[5])
+
+
+def _create_standby(standby: Cluster, primary: Cluster, config: Path) -> None:
+    """A base backup of the running primary, next to its data directory, made a cluster by pg_createcluster.
+
+    pg_createcluster takes an existing data directory when its configuration files are in it, and moves them
+    to ``config``: cheaper than an initdb whose data would be thrown away for the backup.
+    """
+    primary_data = _data_directory(primary)
+    data = primary_data.parent / standby.name
+    _run(
+        [
+            "pg_basebackup",
+            "--host=127.0.0.1",
+            f"--port={primary.port}",
+            "--username=postgres",
+            f"--pgdata={data}",
+            "--write-recovery-conf",  # standby.signal, and primary_conninfo in postgresql.auto.conf
+            "--wal-method=stream",
+            "--checkpoint=fast",
+            "--no-sync",
+        ]
+    )
+    (data / "postgresql.conf").write_text(f"port = {standby.port}\n{SETTINGS}{STANDBY_SETTINGS}")
+    (data / "pg_hba.conf").write_text(PG_HBA + REPLICATION_HBA)
+    (data / "pg_ident.conf").write_text("")
+    if os.geteuid() == 0:  # made as root: hand it to the primary's owner (postgres), the owner it will run as
+        owner = primary_data.stat()
+        for root, directories, files in os.walk(data):
+            for name in [*directories, *files]:
+                os.chown(os.path.join(root, name), owner.st_uid, owner.st_gid)
+        os.chown(data, owner.st_uid, owner.st_gid)
+    try:
+        _run(
+            [
+                "pg_createcluster",
+                "--quiet",
+                "--start-conf=manual",
+                f"--datadir={data}",
+                "--port",
+                str(standby.port),
+                standby.version,
+                standby.name,
+            ]
+        )
+    finally:
+        if not config.exists():  # not a cluster yet, so pg_dropcluster would not remove it
+            shutil.rmtree(data, ignore_errors=True)
+
+
+def _prepare_primary(primary: Cluster) -> None:
+    async def prepare() -> None:
+        connection = await asyncpg.connect(primary.dsn, timeout=10)
+        try:
+            for role in READERS:
+                await connection.execute(f"CREATE ROLE {role} LOGIN SUPERUSER")
+            await connection.execute(f"CREATE TABLE {MARKER} (id INTEGER PRIMARY KEY)")
+        finally:
+            await connection.close()
+
+    _in_thread(prepare())
+
+
+async def _wait_for_standby(standby_cluster: Cluster, primary: Cluster) -> None:
+    """Until the standby answers, is in recovery, and sees a row written on the primary after the backup."""
+    async with asyncio.timeout(REPLAY_TIMEOUT):
+        while True:
+            try:
+                standby = await asyncpg.connect(standby_cluster.dsn, timeout=5)
+            except (OSError, asyncpg.CannotConnectNowError):
+                await asyncio.sleep(0.05)
+                continue
+            break
+        try:
+            if not await standby.fetchval("SELECT pg_is_in_recovery()"):
+                raise RuntimeError("the standby is not in recovery: pg_basebackup -R did not make it a standby")
+            await _execute(primary.dsn, f"INSERT INTO {MARKER} VALUES (1)")
+            while True:
+                if await standby.fetchval(f"SELECT count(*) FROM {MARKER}"):
+                    return
+                await asyncio.sleep(0.01)
+        finally:
+            await standby.close()
+
+
+def _in_thread(coroutine: Coroutine[Any, Any, None]) -> None:
+    # A session fixture may be set up while the tests' event loop runs: asyncio.run in a thread of its own.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, coroutine).result()
+
+
+@pytest.fixture(scope="session")
+def pg_replica_set() -> Iterator[ReplicaSet]:
+    """A running primary and hot standby of this session's own; both dropped (stopped first) at the end."""
+    _binaries_or_skip()
+    started = time.monotonic()
+    version = _installed_version()
+    primary = Cluster(version, f"adbs_primary_{os.getpid()}", _free_port())
+    standby = Cluster(version, f"adbs_standby_{os.getpid()}", _free_port())
+    conf_root = Path(os.environ.get("PG_CLUSTER_CONF_ROOT", "/etc/postgresql")) / version
+    created: list[Cluster] = []
+    try:
+        created.append(primary)
+        _create_primary(primary, conf_root / primary.name)
+        _run(primary.ctl("start"))
+        _create_database(primary)
+        _prepare_primary(primary)
+        created.append(standby)
+        _create_standby(standby, primary, conf_root / standby.name)
+        _run(standby.ctl("start"))
+        _in_thread(_wait_for_standby(standby, primary))
+        replica_set = ReplicaSet(primary, standby, time.monotonic() - started)
+        print(
+            f"pg_replica_set: primary on {primary.port}, standby on {standby.port}, ready in "
+            f"{replica_set.setup_seconds:.1f}s"
+        )
+        yield replica_set
+    finally:
+        for cluster in reversed(created):  # the standby first: it would keep reconnecting to a stopped primary
+            if (conf_root / cluster.name).exists():  # also after a creation that failed halfway
+                _run(["pg_dropcluster", "--stop", cluster.version, cluster.name])
