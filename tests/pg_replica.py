@@ -253,33 +253,61 @@ def _in_thread(coroutine: Coroutine[Any, Any, None]) -> None:
         pool.submit(asyncio.run, coroutine).result()
 
 
-@pytest.fixture(scope="session")
-def pg_replica_set() -> Iterator[ReplicaSet]:
-    """A running primary and hot standby of this session's own; both dropped (stopped first) at the end."""
-    _binaries_or_skip()
+def _create_replica_set() -> ReplicaSet:
+    """Create and start the primary and its standby; drop whatever was made when a step fails."""
     started = time.monotonic()
     version = _installed_version()
     primary = Cluster(version, f"adbs_primary_{os.getpid()}", _free_port())
     standby = Cluster(version, f"adbs_standby_{os.getpid()}", _free_port())
-    conf_root = Path(os.environ.get("PG_CLUSTER_CONF_ROOT", "/etc/postgresql")) / version
-    created: list[Cluster] = []
     try:
-        created.append(primary)
-        _create_primary(primary, conf_root / primary.name)
+        _create_primary(primary, _config(primary))
         _run(primary.ctl("start"))
         _create_database(primary)
         _prepare_primary(primary)
-        created.append(standby)
-        _create_standby(standby, primary, conf_root / standby.name)
+        _create_standby(standby, primary, _config(standby))
         _run(standby.ctl("start"))
         _in_thread(_wait_for_standby(standby, primary))
-        replica_set = ReplicaSet(primary, standby, time.monotonic() - started)
-        print(
-            f"pg_replica_set: primary on {primary.port}, standby on {standby.port}, ready in "
-            f"{replica_set.setup_seconds:.1f}s"
-        )
+    except BaseException:
+        _drop(primary, standby)
+        raise
+    replica_set = ReplicaSet(primary, standby, time.monotonic() - started)
+    print(
+        f"pg_replica_set: primary on {primary.port}, standby on {standby.port}, "
+        f"ready in {replica_set.setup_seconds:.1f}s"
+    )
+    return replica_set
+
+
+def _config(cluster: Cluster) -> Path:
+    return Path(os.environ.get("PG_CLUSTER_CONF_ROOT", "/etc/postgresql")) / cluster.version / cluster.name
+
+
+def _drop(primary: Cluster, standby: Cluster) -> None:
+    for cluster in (standby, primary):  # the standby first: it would keep reconnecting to a stopped primary
+        if _config(cluster).exists():  # also after a creation that failed halfway
+            _run(["pg_dropcluster", "--stop", cluster.version, cluster.name])
+
+
+class _Shared:
+    """The one replica set of this process. Each test module that imports ``pg_replica_set`` has a session
+    fixture of its own; all of them get this set, created by the first and dropped after the last."""
+
+    replica_set: ReplicaSet | None = None
+    holders = 0
+
+
+@pytest.fixture(scope="session")
+def pg_replica_set() -> Iterator[ReplicaSet]:
+    """A running primary and hot standby of this session's own; both dropped (stopped first) at the end."""
+    _binaries_or_skip()
+    if _Shared.replica_set is None:
+        _Shared.replica_set = _create_replica_set()
+    replica_set = _Shared.replica_set
+    _Shared.holders += 1
+    try:
         yield replica_set
     finally:
-        for cluster in reversed(created):  # the standby first: it would keep reconnecting to a stopped primary
-            if (conf_root / cluster.name).exists():  # also after a creation that failed halfway
-                _run(["pg_dropcluster", "--stop", cluster.version, cluster.name])
+        _Shared.holders -= 1
+        if _Shared.holders == 0:
+            _Shared.replica_set = None
+            _drop(replica_set.primary, replica_set.standby)
