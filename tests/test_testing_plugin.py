@@ -1,0 +1,409 @@
+"""asgi_db_session.testing: the rolled-back test transaction, driven as a user's test suite drives it.
+
+Each test writes a small user project (a conftest enabling the plugin, an app whose endpoint commits, and
+test files) and runs pytest on it with ``pytester``, in this process (so that coverage sees the plugin). The
+user's tests check what they see inside the run; after the run a second connection that does not go through
+SQLAlchemy (asyncpg, or the standard library's sqlite3) checks that nothing was saved.
+
+The outer tests are sync: the inner run starts event loops of its own (anyio's, TestClient's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+
+from asgi_db_session import Database, NoSessionError, current_session, session_scope
+from asgi_db_session.exceptions import NO_DATABASE
+from asgi_db_session.testing import (
+    NOT_A_DATABASE,
+    NOT_CREATED_YET,
+    NOT_STARTED,
+    REPLACED,
+    outer_transaction,
+    outer_transaction_in,
+    override_session,
+)
+
+from .conftest import PG_URL
+
+pytest_plugins = ["pytester"]
+
+# Strict like this project's own run; Starlette's wish for httpx2 (for TestClient) is not the plugin's concern.
+INNER_INI = """
+[pytest]
+filterwarnings =
+    error
+    ignore:Using `httpx` with `starlette.testclient` is deprecated
+"""
+
+APP = """
+from sqlalchemy import text
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from asgi_db_session import Database, DBSessionMiddleware, current_session
+
+TABLE = {table!r}
+db = Database({url!r})
+
+
+async def add(request: Request) -> JSONResponse:
+    # App code that commits for itself: under the plugin the commit releases a savepoint.
+    session = current_session()
+    await session.execute(text(f"INSERT INTO {{TABLE}} (name) VALUES (:name)"), {{"name": request.path_params["name"]}})
+    await session.commit()
+    return JSONResponse({{"added": request.path_params["name"]}})
+
+
+async def names(request: Request) -> JSONResponse:
+    rows = await current_session().execute(text(f"SELECT name FROM {{TABLE}} ORDER BY name"))
+    return JSONResponse(list(rows.scalars()))
+
+
+app = Starlette(routes=[Route("/add/{{name}}", add, methods=["POST"]), Route("/names", names)])
+app.add_middleware(DBSessionMiddleware, database=db)
+"""
+
+CONFTEST = """
+import pytest
+
+from asgi_db_session.testing import outer_transaction  # imported before pytest loads it: no warning
+from myapp import app as the_app, db
+
+pytest_plugins = ["asgi_db_session.testing"]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def database():
+    return db
+
+
+@pytest.fixture
+def app():
+    return the_app
+"""
+
+HTTPX_TESTS = """
+import httpx
+import pytest
+from sqlalchemy import text
+
+from myapp import TABLE, app
+
+pytestmark = pytest.mark.anyio
+
+
+def client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+async def test_the_app_commits_and_the_test_sees_it(db_session):
+    async with client() as http:
+        assert (await http.post("/add/one")).status_code == 200
+        assert (await http.post("/add/two")).status_code == 200
+        assert (await http.get("/names")).json() == ["one", "two"]
+    rows = await db_session.execute(text(f"SELECT name FROM {TABLE} ORDER BY name"))
+    assert list(rows.scalars()) == ["one", "two"]
+
+
+async def test_the_next_test_starts_empty(db_session):
+    async with client() as http:
+        assert (await http.get("/names")).json() == []
+    assert list((await db_session.execute(text(f"SELECT name FROM {TABLE}"))).scalars()) == []
+"""
+
+TESTCLIENT_TESTS = """
+from sqlalchemy import text
+from starlette.testclient import TestClient
+
+from asgi_db_session import session_scope
+from asgi_db_session.testing import outer_transaction_in
+from myapp import TABLE, app, db
+
+
+async def stored_names() -> list[str]:
+    # On the client's event loop (client.portal.call), in a session that joins the test's transaction.
+    async with session_scope() as session:
+        return list((await session.execute(text(f"SELECT name FROM {TABLE} ORDER BY name"))).scalars())
+
+
+def test_the_app_commits_and_the_test_sees_it(db_client):
+    assert db_client.post("/add/one").status_code == 200
+    assert db_client.get("/names").json() == ["one"]
+    assert db_client.portal.call(stored_names) == ["one"]
+
+
+def test_the_next_test_starts_empty(db_client):
+    assert db_client.get("/names").json() == []
+    assert db_client.portal.call(stored_names) == []
+
+
+def test_outer_transaction_in_a_client_of_ones_own():
+    with TestClient(app, base_url="http://example.org") as client, outer_transaction_in(client, db) as session:
+        assert client.post("/add/three").status_code == 200
+
+        async def seen() -> list[str]:
+            return list((await session.execute(text(f"SELECT name FROM {TABLE}"))).scalars())
+
+        assert client.portal.call(seen) == ["three"]
+
+
+def test_and_after_that_one_too(db_client):
+    assert db_client.get("/names").json() == []
+"""
+
+
+@dataclass
+class Target:
+    """A database the user's project runs on, and a second connection to see what it really holds."""
+
+    name: str
+    url: str
+    dsn: str
+    table: str
+
+    def stored(self) -> list[str]:
+        sql = f"SELECT name FROM {self.table} ORDER BY name"
+        if self.name == "sqlite":
+            with closing(sqlite3.connect(self.dsn)) as connection:
+                return [row[0] for row in connection.execute(sql)]
+        return [row[0] for row in self._pg(lambda connection: connection.fetch(sql))]
+
+    def execute(self, sql: str) -> None:
+        if self.name == "sqlite":
+            with closing(sqlite3.connect(self.dsn)) as connection, connection:
+                connection.execute(sql)
+        else:
+            self._pg(lambda connection: connection.execute(sql))
+
+    def _pg(self, work: Any) -> Any:
+        async def run() -> Any:
+            connection = await asyncpg.connect(self.dsn)
+            try:
+                return await work(connection)
+            finally:
+                await connection.close()
+
+        return asyncio.run(run())
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    """An empty table of names, unique to this test (the PostgreSQL server is shared with other runs)."""
+    table = f"adbs_testing_{uuid.uuid4().hex[:12]}"
+    if request.param == "postgresql":
+        dsn = request.getfixturevalue("postgresql_dsn")
+        selected = Target("postgresql", PG_URL, dsn, table)
+    else:
+        path = tmp_path / "user.db"
+        selected = Target("sqlite", f"sqlite+aiosqlite:///{path}", str(path), table)
+    selected.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, name VARCHAR(50) NOT NULL)")
+    if request.param == "postgresql":
+        selected.execute(f"ALTER TABLE {table} ALTER COLUMN id ADD GENERATED BY DEFAULT AS IDENTITY")
+    yield selected
+    selected.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def user_project(pytester: pytest.Pytester, target: Target, **test_files: str) -> None:
+    pytester.makeini(INNER_INI)
+    pytester.makepyfile(myapp=APP.format(table=target.table, url=target.url))
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(**test_files)
+
+
+def test_httpx_client_commits_are_seen_in_the_test_and_rolled_back_after_it(
+    pytester: pytest.Pytester, target: Target
+) -> None:
+    user_project(pytester, target, test_with_httpx=HTTPX_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    assert target.stored() == []
+
+
+def test_testclient_commits_are_seen_in_the_test_and_rolled_back_after_it(
+    pytester: pytest.Pytester, target: Target
+) -> None:
+    user_project(pytester, target, test_with_testclient=TESTCLIENT_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4)
+    assert target.stored() == []
+
+
+def test_the_default_database_fixture_finds_the_database_by_name(pytester: pytest.Pytester, target: Target) -> None:
+    user_project(pytester, target, test_default=HTTPX_TESTS)
+    # Without the project's own `database` fixture the plugin's takes get_database("default").
+    pytester.makeconftest(CONFTEST.replace("def database():", "def unused_database():"))
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    assert target.stored() == []
+
+
+def test_a_database_fixture_that_returns_something_else_is_named(pytester: pytest.Pytester, target: Target) -> None:
+    user_project(pytester, target, test_wrong=HTTPX_TESTS)
+    pytester.makeconftest(CONFTEST.replace("return db\n", "return 'postgresql://elsewhere'\n"))
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(["*TypeError: " + NOT_A_DATABASE.format(value="postgresql://elsewhere")])
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# The functions themselves, in this process.
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_outer_transaction_before_the_database_exists_says_what_to_do() -> None:
+    async def attempt() -> None:
+        async with outer_transaction("adbs-never-created"):
+            pass  # pragma: no cover - cannot open
+
+    with pytest.raises(LookupError) as caught:
+        run(attempt())
+    assert str(caught.value) == NOT_CREATED_YET.format(name="adbs-never-created")
+
+
+def test_a_database_replaced_during_the_test_fails_it(target: Target) -> None:
+    async def replace_it() -> None:
+        database = Database(target.url, name="adbs-replaced")
+        async with outer_transaction(database):
+            Database(target.url, name="adbs-replaced")
+
+    with pytest.raises(RuntimeError) as caught:
+        run(replace_it())
+    assert str(caught.value) == REPLACED.format(name="adbs-replaced")
+
+
+def test_outer_transaction_in_a_client_that_is_not_started() -> None:
+    class NotStarted:
+        portal = None
+
+    with pytest.raises(RuntimeError) as caught:
+        outer_transaction_in(NotStarted())
+    assert str(caught.value) == NOT_STARTED
+
+
+def test_outer_transaction_rolls_back_what_sessions_committed_inside(target: Target) -> None:
+    async def work() -> list[str]:
+        database = Database(target.url, name="adbs-outer")
+        async with outer_transaction(database) as session:
+            async with session_scope("adbs-outer", commit=True) as inner:
+                await inner.execute(text(f"INSERT INTO {target.table} (name) VALUES ('kept?')"))
+            async with session_scope("adbs-outer") as inner:  # rolled back to its savepoint
+                await inner.execute(text(f"INSERT INTO {target.table} (name) VALUES ('dropped')"))
+            seen = list((await session.execute(text(f"SELECT name FROM {target.table}"))).scalars())
+        await database.dispose()
+        return seen
+
+    assert run(work()) == ["kept?"]
+    assert target.stored() == []
+
+
+def test_a_failing_block_is_rolled_back_too(target: Target) -> None:
+    async def work() -> None:
+        database = Database(target.url, name="adbs-failing")
+        async with outer_transaction(database):
+            async with session_scope("adbs-failing", commit=True) as inner:
+                await inner.execute(text(f"INSERT INTO {target.table} (name) VALUES ('lost')"))
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        run(work())
+    assert target.stored() == []
+
+
+# override_session
+
+
+@pytest.mark.anyio
+async def test_override_session_makes_current_session_return_it(sqlite_url: str) -> None:
+    database = Database(sqlite_url, name="adbs-override")
+    async with session_scope("adbs-override") as mine:
+        pass
+    with pytest.raises(NoSessionError):
+        current_session("adbs-override")
+    with override_session(mine, "adbs-override") as given:
+        assert given is mine
+        assert current_session("adbs-override") is mine
+        # A scope opened inside still opens a new session of that Database, and gives it back after.
+        async with session_scope("adbs-override") as inner:
+            assert inner is not mine
+            assert current_session("adbs-override") is inner
+        assert current_session("adbs-override") is mine
+    with pytest.raises(NoSessionError):
+        current_session("adbs-override")
+    assert mine.sync_session.get_bind() is database.engine.sync_engine
+    await database.dispose()
+
+
+@pytest.mark.anyio
+async def test_override_session_for_a_database_nobody_created(sqlite_url: str) -> None:
+    database = Database(sqlite_url, name="adbs-override-2")
+    session = database.new_session()
+    with pytest.raises(NoSessionError) as caught, override_session(session, "adbs-override-missing"):
+        pass  # pragma: no cover - cannot enter
+    assert str(caught.value) == NO_DATABASE.format(name="adbs-override-missing")
+    await session.close()
+
+
+OVERRIDE_TESTS = """
+import pytest
+from sqlalchemy import text
+
+from asgi_db_session import current_session
+from asgi_db_session.testing import override_session
+from myapp import TABLE
+
+pytestmark = pytest.mark.anyio
+
+
+async def add(name: str) -> None:  # a repository function: it asks for the session
+    await current_session().execute(text(f"INSERT INTO {TABLE} (name) VALUES (:name)"), {"name": name})
+
+
+@pytest.fixture
+async def session(db_session):
+    with override_session(db_session):
+        yield db_session
+
+
+async def test_a_repository_called_directly_uses_the_test_session(session):
+    await add("direct")
+    await session.commit()
+    assert current_session() is session
+    assert list((await session.execute(text(f"SELECT name FROM {TABLE}"))).scalars()) == ["direct"]
+
+
+async def test_next(session):
+    assert list((await session.execute(text(f"SELECT name FROM {TABLE}"))).scalars()) == []
+"""
+
+
+def test_override_session_in_a_fixture_reaches_the_test(pytester: pytest.Pytester, target: Target) -> None:
+    user_project(pytester, target, test_override=OVERRIDE_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    assert target.stored() == []
