@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Mapping
 from typing import Any
@@ -53,6 +54,27 @@ def _with_server_timing(send: Send, stats: QueryStats, name: str) -> Send:
         return send(message)
 
     return timing_send
+
+
+class _RequestState(ScopeState):
+    """A request's scope, plus what its messages said so far (class-level defaults until they change)."""
+
+    started = False  # the response (or the WebSocket) got going: work may be committed at the end
+    keep = True  # nothing has said "roll back" yet
+    failure: CommitFailedError | None = None
+    # The response that replaced the app's after a failed commit, when the mapping had one for its error:
+    # then the failure is an expected outcome (logged as a warning), not a crash (raised to the server).
+    failure_response: ErrorResponse | None = None
+
+
+def _watching_disconnects(receive: Receive, state: _RequestState) -> Receive:
+    async def receive_wrapper() -> Message:
+        message = await receive()
+        if message["type"] == "websocket.disconnect" and message.get("code", 1005) not in _NORMAL_CLOSE_CODES:
+            state.keep = False  # the client went away abnormally (1006: the connection dropped)
+        return message
+
+    return receive_wrapper
 
 
 class DBSessionMiddleware:
@@ -140,127 +162,119 @@ class DBSessionMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        name = self.database.name
         counting = self._counting
         if counting:
             stats = QueryStats()
             stats_token = self._stats_var.set(stats)
             if self.server_timing:
-                send = _with_server_timing(send, stats, name)
+                send = _with_server_timing(send, stats, self.database.name)
         # The policy may change when the session is created: the endpoint's session_policy() is read then.
-        state = ScopeState(self.database, self.commit_on_success, None, scope)
+        state = _RequestState(self.database, self.commit_on_success, None, scope)
         token = self._var.set(state)
-        started = False  # the response (or the WebSocket) got going: work may be committed at the end
-        keep = True  # nothing has said "roll back" yet
-        failure: CommitFailedError | None = None
-        # The response that replaced the app's after a failed commit, when the mapping had one for its error:
-        # then the failure is an expected outcome (logged as a warning), not a crash (raised to the server).
-        failure_response: ErrorResponse | None = None
 
         # A plain function that returns send's awaitable: a valid ASGI send without a coroutine of its own on
         # the common path, a measurable share of a request that never touches the database.
         def send_wrapper(message: Message) -> Awaitable[None]:
-            nonlocal started, keep
             session = state.session
-            message_type = message["type"]
+            # Nothing to commit (a failure is only possible where a commit was tried): note what the message
+            # says and pass it on.
             if (
-                failure is None
-                and message_type in _HTTP_SEND_TYPES
-                and (session is None or not state.commit_on_success or not session.in_transaction())
+                session is None
+                or not state.commit_on_success
+                or (state.failure is None and not session.in_transaction())
             ):
-                # Nothing to commit: note what the message says and pass it on.
-                if message_type == "http.response.start":
+                if message["type"] == "http.response.start":
                     if message["status"] >= 400:
-                        keep = False
-                    started = True
+                        state.keep = False
+                    state.started = True
                 return send(message)
-            return commit_then_send(message)
-
-        async def commit_then_send(message: Message) -> None:
-            nonlocal started, keep, failure, failure_response
-            if failure is not None:
-                return  # our error response replaced the app's; drop the rest of it
-            message_type = message["type"]
-            session = state.session
-            if message_type in _START_TYPES:
-                if message["status"] >= 400:
-                    keep = False
-                elif session is not None and state.commit_on_success and session.in_transaction():
-                    try:
-                        await commit(session)
-                    except Exception as exc:
-                        keep = False
-                        failure_response = self.error_response(exc)
-                        response = failure_response or INTERNAL_SERVER_ERROR
-                        failure = CommitFailedError(
-                            COMMIT_FAILED.format(name=name, status=response.status, app_status=message["status"])
-                        )
-                        for error_message in response.messages():
-                            await send(error_message)
-                        raise failure from exc
-                started = True
-            elif message_type in _FINAL_BODY_TYPES:
-                # Work done while streaming is committed before the last chunk, so that a failure still
-                # reaches the client as a broken response instead of a complete one.
-                if (
-                    keep
-                    and session is not None
-                    and state.commit_on_success
-                    and not message.get("more_body", False)
-                    and session.in_transaction()
-                ):
-                    try:
-                        await commit(session)
-                    except Exception as exc:
-                        keep = False
-                        failure = CommitFailedError(COMMIT_FAILED_LATE.format(name=name))
-                        raise failure from exc
-            elif message_type == "websocket.accept":
-                started = True
-            elif message_type == "websocket.close" and (
-                not started or message.get("code", 1000) not in _NORMAL_CLOSE_CODES
-            ):
-                keep = False
-            await send(message)
+            return self._committing_send(state, send, message)
 
         if scope_type == "websocket":
-            websocket_receive = receive
-
-            async def receive_wrapper() -> Message:
-                nonlocal keep
-                message = await websocket_receive()
-                if message["type"] == "websocket.disconnect" and message.get("code", 1005) not in _NORMAL_CLOSE_CODES:
-                    keep = False  # the client went away abnormally (1006: the connection dropped)
-                return message
-
-            receive = receive_wrapper
-
+            receive = _watching_disconnects(receive, state)
+            app_send: Send = functools.partial(self._committing_send, state, send)
+        else:
+            app_send = send_wrapper
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, app_send)
         except Exception as exc:
-            keep = False
+            state.keep = False
+            failure = state.failure
             if failure is None:
-                if started or not await self._answer_error(scope, send, exc):
+                if state.started or not await self._answer_error(scope, send, exc):
                     raise
-            elif failure_response is None:
+            elif state.failure_response is None:
                 raise failure from failure.__cause__  # not the app's re-raise of it: the database error
         except BaseException:
-            keep = False
+            state.keep = False
             raise
         finally:
             self._var.reset(token)
-            session = state.end()
-            if session is not None:
-                await finish(session, commit=keep and started and state.commit_on_success)
+            session = state.session
+            if session is None:
+                state.ended = True  # end() without its bookkeeping of a session, the common case
+            else:
+                state.end()
+                await finish(session, commit=state.keep and state.started and state.commit_on_success)
             if counting:
                 self._stats_var.reset(stats_token)
                 if self.warn_over_queries is not None:
-                    warn_if_over(scope, name, stats, self.warn_over_queries)
+                    warn_if_over(scope, self.database.name, stats, self.warn_over_queries)
+        failure = state.failure
         if failure is not None:
-            if failure_response is None:
+            if state.failure_response is None:
                 # The app caught the error we raised into it; the server must still hear of it.
                 raise failure
-            _log_answered(scope, failure.__cause__ or failure, failure_response)
+            _log_answered(scope, failure.__cause__ or failure, state.failure_response)
+
+    async def _committing_send(self, state: _RequestState, send: Send, message: Message) -> None:
+        """The send of a message that may need a commit first, or that changes the outcome (WebSockets)."""
+        if state.failure is not None:
+            return  # our error response replaced the app's; drop the rest of it
+        message_type = message["type"]
+        session = state.session
+        if message_type in _START_TYPES:
+            if message["status"] >= 400:
+                state.keep = False
+            elif session is not None and state.commit_on_success and session.in_transaction():
+                try:
+                    await commit(session)
+                except Exception as exc:
+                    state.keep = False
+                    response = state.failure_response = self.error_response(exc)
+                    response = response or INTERNAL_SERVER_ERROR
+                    failure = state.failure = CommitFailedError(
+                        COMMIT_FAILED.format(
+                            name=self.database.name, status=response.status, app_status=message["status"]
+                        )
+                    )
+                    for error_message in response.messages():
+                        await send(error_message)
+                    raise failure from exc
+            state.started = True
+        elif message_type in _FINAL_BODY_TYPES:
+            # Work done while streaming is committed before the last chunk, so that a failure still reaches
+            # the client as a broken response instead of a complete one.
+            if (
+                state.keep
+                and session is not None
+                and state.commit_on_success
+                and not message.get("more_body", False)
+                and session.in_transaction()
+            ):
+                try:
+                    await commit(session)
+                except Exception as exc:
+                    state.keep = False
+                    failure = state.failure = CommitFailedError(COMMIT_FAILED_LATE.format(name=self.database.name))
+                    raise failure from exc
+        elif message_type == "websocket.accept":
+            state.started = True
+        elif message_type == "websocket.close" and (
+            not state.started or message.get("code", 1000) not in _NORMAL_CLOSE_CODES
+        ):
+            state.keep = False
+        await send(message)
 
     async def _answer_error(self, scope: Scope, send: Send, error: Exception) -> bool:
         """Send the mapped response for ``error`` (True), or leave it to the server's handling (False)."""

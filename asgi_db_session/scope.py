@@ -33,9 +33,9 @@ class _SessionScope(AbstractAsyncContextManager[AsyncSession]):
             policy, read_only = database.commit_on_success, False
         if self._read_only is not None:
             read_only = self._read_only
-        state = self._state = ScopeState(
-            database, policy if self._commit is None else self._commit, outer=outer, read_only=read_only
-        )
+        state = self._state = ScopeState(database, policy if self._commit is None else self._commit)
+        state.outer = outer
+        state.read_only = read_only
         session = state.session = database.new_session(
             read_only=read_only, on_primary=read_only and state.after_write()
         )
