@@ -106,7 +106,7 @@ async def http(notes_db: Backend) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(notes_db.url)
     database: Database = app.state.database
     async with running(app) as channel:
-        assert channel.types() == ["lifespan.startup.complete"]
+        assert channel.types() == ["lifespan.startup.complete"], channel.sent
         async with client(app) as http:
             yield http
         pool = database.engine.pool

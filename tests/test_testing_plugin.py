@@ -21,6 +21,12 @@ from typing import Any
 
 import asyncpg
 import pytest
+
+# pytester's in-process runs forget the modules first imported inside them; a dialect imported there and again
+# later re-registers its SQL functions, and SQLAlchemy's warning about that is an error here. Imported now, they
+# are part of what pytester keeps.
+import sqlalchemy.dialects.postgresql.asyncpg
+import sqlalchemy.dialects.sqlite.aiosqlite  # noqa: F401
 from sqlalchemy import text
 
 from asgi_db_session import Database, NoSessionError, current_session, session_scope
