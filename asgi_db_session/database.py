@@ -12,12 +12,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import asyncpg
-from sqlalchemy import event, text
+from sqlalchemy import event
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import NullPool
 
 from ._guarded_session import GuardedSession
+from ._orphans import OrphanReaper, server_ends_orphans
 from ._urls import redact_url
 from ._write_tracking import WriteTrackingSession
 from .exceptions import NO_DATABASE, DatabaseUnavailableError, NoSessionError
@@ -28,8 +28,6 @@ from .settings import DatabaseSettings, settings_from_environment
 SESSION_DEFAULTS: Mapping[str, Any] = {"expire_on_commit": False, "autoflush": False, "class_": GuardedSession}
 
 logger = logging.getLogger("asgi_db_session")
-# How long a connection invalidated by a cancellation gets to close by itself before its backend is ended.
-ORPHAN_GRACE_SECONDS = 0.25
 
 _registry: dict[str, Database] = {}
 # Every Database of this process, for the fork hook below; weak, so that it keeps none of them alive.
@@ -110,8 +108,7 @@ class Database:
         self.check_on_startup = check_on_startup
         self.session_options: Mapping[str, Any] = {**SESSION_DEFAULTS, **(session_options or {})}
         self._engine_options = dict(engine_options or {})
-        self._cancellations: set[asyncio.Task[None]] = set()
-        self._canceller: AsyncEngine | None = None
+        self._reapers: list[OrphanReaper] = []
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
         self._joined: async_sessionmaker[AsyncSession] | None = None
         self._replica_settings = self._settings_of_replicas(replicas)
@@ -119,6 +116,8 @@ class Database:
         self._read_only_makers: Iterator[async_sessionmaker[AsyncSession]] | None = None
         self._primary_read_only: async_sessionmaker[AsyncSession] | None = None
         self._counting_queries = False
+        if engine is not None:
+            self._instrument(engine, None)
         _registry[name] = self
         _all_databases.add(self)
 
@@ -159,53 +158,24 @@ class Database:
             assert self.settings is not None
             options = {**self.settings.engine_options(), **self._engine_options}
             self._engine = create_async_engine(self.settings.engine_url(), **options)
-            event.listen(self._engine.sync_engine, "do_connect", self._connect)
-            if self._counting_queries:
-                count_queries_on(self._engine.sync_engine, self.name)
-            if self._engine.dialect.driver == "asyncpg" and not self._server_ends_orphans():
-                event.listen(self._engine.sync_engine.pool, "invalidate", self._cancel_orphaned_statement)
+            self._instrument(self._engine, self.settings)
         return self._engine
 
-    def _server_ends_orphans(self) -> bool:
-        """True when the server ends a cut-off statement's backend by itself: it checks that its client is
-        there (client_connection_check_interval) and asyncpg (0.32+) closed the socket. Ending the backend
-        from here as well would race the server, and asyncpg reports that as an unretrieved future error."""
-        assert self.settings is not None
-        version = tuple(int(part) for part in asyncpg.__version__.split(".")[:2])
-        return self.settings.client_connection_check_interval is not None and version >= (0, 32)
-
-    def _cancel_orphaned_statement(self, dbapi_connection: Any, record: Any, exception: BaseException | None) -> None:
-        """A connection thrown away because its task was cancelled mid-statement: stop that statement.
-
-        Under an anyio cancel scope the cancellation interrupts the driver's graceful close too, and the
-        cancel request it would have sent is lost: the statement runs on in the server, holding its locks,
-        while the pool opens a new connection in its place (before asyncpg 0.32 even the socket stayed open).
-        A fresh task, outside the cancelled scope, asks the server to end that backend: the connection is
-        thrown away already, so ending it (not just its statement) also ends its transaction and locks.
-        """
-        if not isinstance(exception, asyncio.CancelledError):
+    def _instrument(self, engine: AsyncEngine, settings: DatabaseSettings | None) -> None:
+        """What every engine of this Database gets, whether it made the engine or was given it."""
+        sync_engine = engine.sync_engine
+        event.listen(sync_engine, "do_connect", self._connect)
+        if self._counting_queries:
+            count_queries_on(sync_engine, self.name)
+        if engine.dialect.driver != "asyncpg":
             return
-        pid = dbapi_connection.driver_connection.get_server_pid()
-        task = asyncio.get_running_loop().create_task(self._cancel_backend(pid))
-        self._cancellations.add(task)
-        task.add_done_callback(self._cancellations.discard)
-
-    async def _cancel_backend(self, pid: int) -> None:
-        # First let the driver's own close finish where it was not cut short (a plain task.cancel()): ending
-        # the backend under it would race its cancel request and its goodbye to the server.
-        await asyncio.sleep(ORPHAN_GRACE_SECONDS)
-        try:
-            # Not through the pool: that is full of the app's connections, and a cancel must not wait for one.
-            if self._canceller is None:
-                assert self.settings is not None
-                options = self.settings.engine_options()
-                self._canceller = create_async_engine(
-                    self.settings.engine_url(), poolclass=NullPool, connect_args=options.get("connect_args", {})
-                )
-            async with self._canceller.connect() as connection:
-                await connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-        except Exception:  # the server may be gone too; the statement then is as well
-            logger.debug("could not end backend %d of a cancelled statement", pid, exc_info=True)
+        if settings is None:
+            # An engine given as it is: its URL, without the connect_args it was made with (an SSL setting,
+            # say); if the side connection then fails, the backend stays, as it would without this.
+            self._reapers.append(OrphanReaper(engine, engine.url, {}))
+        elif not server_ends_orphans(settings.client_connection_check_interval):
+            connect_args = settings.engine_options().get("connect_args", {})
+            self._reapers.append(OrphanReaper(engine, settings.engine_url(), connect_args))
 
     def _connect(self, dialect: Dialect, record: Any, cargs: Any, cparams: Any) -> Any:
         """Open a DBAPI connection; a refused or reset connect, or a refused login, becomes DatabaseUnavailableError.
@@ -219,7 +189,7 @@ class Database:
             return dialect.connect(*cargs, **cparams)
         except OSError as exc:
             raise DatabaseUnavailableError(
-                f"Cannot connect to database {self.name!r} at {self.redacted_url}: {type(exc).__name__}: {exc}"
+                f"Cannot reach database {self.name!r} at {self.redacted_url}: {type(exc).__name__}: {exc}"
             ) from exc
         except Exception as exc:
             # SQLAlchemy 2.1 wraps asyncpg's error in one of its adapter (asyncpg's as __cause__); 2.0 does not.
@@ -227,7 +197,7 @@ class Database:
             if not isinstance(refused, asyncpg.InvalidAuthorizationSpecificationError):
                 raise
             raise DatabaseUnavailableError(
-                f"Cannot connect to database {self.name!r} at {self.redacted_url}: the server refused the login: "
+                f"Cannot reach database {self.name!r} at {self.redacted_url}: the server refused the login: "
                 f"{type(refused).__name__}: {refused}"
             ) from exc
 
@@ -319,15 +289,17 @@ class Database:
     # A health check needs its own bound; callers should not have to wrap it in asyncio.timeout().
     async def check(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Connect and run ``SELECT 1``; DatabaseUnavailableError (password masked) if that fails in time."""
+        advice = "Check DATABASE_URL and that the server is running and accepts connections."
         try:
             async with asyncio.timeout(timeout), self.engine.connect() as connection:
                 await connection.exec_driver_sql("SELECT 1")
+        except DatabaseUnavailableError as exc:  # from _connect: it names the database and the reason already
+            raise DatabaseUnavailableError(f"{str(exc).rstrip('.')}. {advice}") from None
         except Exception as exc:
             # The driver's text (connection refused, authentication failed) helps; it carries no password.
             reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
             raise DatabaseUnavailableError(
-                f"Cannot reach database {self.name!r} at {self.redacted_url}: {reason}. "
-                "Check DATABASE_URL and that the server is running and accepts connections."
+                f"Cannot reach database {self.name!r} at {self.redacted_url}: {reason}. {advice}"
             ) from None
 
     async def ping(self, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
@@ -340,10 +312,8 @@ class Database:
 
     async def dispose(self) -> None:
         """Close every pooled connection. The engine stays usable: a later session opens a fresh pool."""
-        if self._cancellations:
-            await asyncio.gather(*self._cancellations, return_exceptions=True)
-        if self._canceller is not None:
-            await self._canceller.dispose()
+        for reaper in self._reapers:
+            await reaper.close()
         if self._engine is not None:
             await self._engine.dispose()
         for engine in self._replica_engines or ():

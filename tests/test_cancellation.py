@@ -28,6 +28,7 @@ import anyio
 import asyncpg
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -458,6 +459,27 @@ async def test_statement_cut_off_by_anyio_scope_stops_on_the_server(
         await wait_until_none_active(backend, database, seconds=1)
     finally:
         await database.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_a_given_engine_gets_the_same_protection(backend: Backend) -> None:
+    """Database(engine=...) (and so DBSessionMiddleware(engine=...)) watches that engine's pool too."""
+    settings = DatabaseSettings(
+        url=backend.url, pool_size=1, max_overflow=0, application_name=f"adbs-cancel-{uuid.uuid4().hex[:12]}"
+    )
+    engine = create_async_engine(settings.engine_url(), **settings.engine_options())
+    database = Database(engine=engine)
+    # The helpers find our backends by the settings' application_name; this Database has only the engine.
+    named = Database(settings=settings, name="adbs-cancel-names")
+    try:
+        app = TimeoutMiddleware(make_app(database, Reached()), seconds=0.2)
+        channel = body_request()
+        await asyncio.wait_for(app(http_scope("/sleep"), channel.receive, channel.send), timeout=5)
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        await wait_until_none_active(backend, named, seconds=1)
+    finally:
+        await database.dispose()
+        await named.dispose()
 
 
 # --- the cleanup itself cannot be cancelled halfway ---------------------------------------------------------

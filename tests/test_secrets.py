@@ -196,7 +196,7 @@ async def test_a_wrong_password_is_a_clear_error_that_shows_no_password(
 
     formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
     lines = "\n".join(formatter.format(record) for record in caplog.records)
-    assert "answered 503: DatabaseUnavailableError: Cannot connect to database 'default'" in lines
+    assert "answered 503: DatabaseUnavailableError: Cannot reach database 'default'" in lines
     assert LOGIN_REFUSED in lines
     shown.append(lines)
     assert [wrong_password_leaks(text) for text in shown] == [[]] * len(shown)
