@@ -3,31 +3,166 @@
 A plain ``await session.close()`` in ``finally`` is not enough: under ``task.cancel()`` the first await
 inside it raises CancelledError, and under an anyio cancel scope the cancellation is delivered again at
 every await, so the connection never gets back to the pool clean (sqlalchemy #8145, #12077).
+
+Two ways to make the cleanup uninterruptible, chosen per session:
+
+- ``_drive``: run it in the caller's own task, which waits for each future the cleanup waits on through a
+  ``_Waiter`` that a cancellation of the task cannot get past: no task, no extra turn of the event loop. This
+  is the path of the package's own session class on the drivers known to allow it.
+- ``_in_a_task``: run it in a task of its own and wait for that task through ``asyncio.shield``. This is the
+  path of anything else: a cleanup that bounds its own waits with ``asyncio.timeout`` (or, from Python 3.12
+  on, ``asyncio.wait_for``) cancels the task it runs in when the time is up, and ``_drive`` could not tell
+  that cancellation from the caller's.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import contextvars
+import types
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
 import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from ._guarded_session import GuardedSession
 from .commit_hooks import has_due_hooks, hooks_deferred, run_due_hooks
 
 T = TypeVar("T")
 
+# Drivers whose commit, rollback and connection release never cancel the task they run in: they bound their
+# waits by other means (asyncpg's protocol timeouts, aiosqlite's thread), or not at all.
+_DRIVEN_DRIVERS = frozenset({"asyncpg", "aiosqlite"})
 
-async def run_to_completion(coro: Coroutine[Any, Any, T]) -> T:
+
+def _drivable(session: AsyncSession) -> bool:
+    """Whether ``_drive`` may run this session's cleanup: our own session class on a known driver."""
+    if type(session) is not GuardedSession:
+        return False
+    bind = session.sync_session.bind  # the sync Engine (or Connection): its dialect is a plain attribute
+    return bind is not None and bind.dialect.driver in _DRIVEN_DRIVERS
+
+
+class _Waiter:
+    """What the task waits on in place of the cleanup's own future: woken by that future, never cancelling it.
+
+    It speaks asyncio's protocol for future-like objects (``_asyncio_future_blocking``, ``_loop``,
+    ``add_done_callback``, ``cancel``): the task registers its wake-up on the real future, so a normal wake-up
+    costs nothing extra. ``task.cancel()`` calls ``cancel()`` here instead of on the real future, which moves
+    the task's wake-up off the real future onto one already cancelled: the task wakes with CancelledError at
+    once, and ``_drive`` waits again. If the real future is done already and its wake-up on its way,
+    ``cancel()`` says no, and the task delivers the cancellation with that wake-up.
+    """
+
+    __slots__ = ("_asyncio_future_blocking", "_cancelling", "_context", "_future", "_loop", "_wake_up")
+
+    _future: asyncio.Future[Any]
+    _loop: asyncio.AbstractEventLoop
+    _asyncio_future_blocking: bool
+    _wake_up: Callable[[Any], object]
+    _context: contextvars.Context | None
+    _cancelling: bool
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self._future = future
+        self._loop = future.get_loop()  # the task checks that the future is of its own loop
+        self._asyncio_future_blocking = True  # the task sets it back to False: "I am waiting on it"
+        # _wake_up and _context: set by add_done_callback(), which the task calls before it can call cancel().
+
+    def add_done_callback(
+        self, wake_up: Callable[[Any], object], *, context: contextvars.Context | None = None
+    ) -> None:
+        self._wake_up = wake_up
+        self._context = context
+        self._future.add_done_callback(wake_up, context=context)
+
+    def cancel(self, msg: Any = None) -> bool:
+        if getattr(self, "_cancelling", False):
+            return True  # the task's wake-up with CancelledError is on its way
+        self._cancelling = True
+        wake_up = getattr(self, "_wake_up", None)
+        if wake_up is None or not self._future.remove_done_callback(wake_up):
+            return False
+        cancelled: asyncio.Future[None] = self._loop.create_future()
+        cancelled.cancel(msg)
+        cancelled.add_done_callback(wake_up, context=self._context)
+        return True
+
+
+def _enter_shield() -> anyio.CancelScope:
+    # An anyio cancel scope re-delivers its cancellation on every turn of the loop while the task waits; a
+    # shielded scope stops that. Entered only once a cancellation has arrived: it costs more than the rest.
+    shield = anyio.CancelScope(shield=True)
+    shield.__enter__()
+    return shield
+
+
+@types.coroutine
+def _drive(coro: Coroutine[Any, Any, T]) -> Generator[Any, Any, T]:
+    """Run ``coro`` to its end in the current task, then re-raise the last cancellation that arrived meanwhile.
+
+    For each future ``coro`` waits on, the task waits on a ``_Waiter`` of it; a cancellation wakes the task
+    with CancelledError, which is kept, and the task waits again. ``coro``'s own error, if it fails, wins
+    over a cancellation, as it would from a task of its own.
+    """
+    cancelled: BaseException | None = None
+    shield: anyio.CancelScope | None = None
+    send = coro.send
+    try:
+        waited = send(None)
+        while True:
+            if waited is None:  # a bare yield (asyncio.sleep(0)): one turn of the loop
+                try:
+                    yield None
+                except asyncio.CancelledError as exc:
+                    cancelled = exc
+                    if shield is None:
+                        shield = _enter_shield()
+            elif getattr(waited, "_asyncio_future_blocking", None) is None:
+                waited = coro.throw(RuntimeError(f"the cleanup yielded {waited!r}, not a future"))
+                continue
+            else:
+                waited._asyncio_future_blocking = False
+                while True:
+                    try:
+                        yield _Waiter(waited)
+                        break
+                    except asyncio.CancelledError as exc:
+                        # The future's own cancellation reaches coro when it resumes, as any other outcome does.
+                        if not (waited.done() and waited.cancelled()):
+                            cancelled = exc
+                            if shield is None:
+                                shield = _enter_shield()
+                        if waited.done():
+                            break
+                    except Exception:
+                        # The future failed: the task hands its error in here; coro gets it from the future.
+                        if not waited.done():
+                            raise
+                        break
+            waited = send(None)
+    except StopIteration as stop:
+        result: T = stop.value
+    except GeneratorExit:  # the task itself is being thrown away (its loop closed): nothing left to wait for
+        coro.close()
+        shield = None
+        raise
+    finally:
+        if shield is not None:
+            shield.__exit__(None, None, None)
+    if cancelled is not None:
+        raise cancelled
+    return result
+
+
+async def _in_a_task(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` in its own task and wait until it is done, even if this task is cancelled meanwhile.
 
     A cancellation that arrives while waiting is re-raised once ``coro`` has finished, so the caller never
-    returns (and the server never moves on) before the cleanup is over. Once one has arrived, an anyio shield
-    keeps an outer cancel scope from re-delivering its cancellation on every turn of the loop below; it is
-    entered only then, as it costs more than the rest of this function on every request.
+    returns (and the server never moves on) before the cleanup is over.
     """
-    task = asyncio.ensure_future(coro)
+    task = asyncio.get_running_loop().create_task(coro)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError as exc:
@@ -46,24 +181,42 @@ async def run_to_completion(coro: Coroutine[Any, Any, T]) -> T:
     raise cancelled
 
 
-async def _commit_then_close(session: AsyncSession, commit: bool) -> None:
-    hooks_deferred.set(True)  # this runs in a task of its own: the setting ends with it
+async def _commit_then_close(session: AsyncSession) -> None:
+    token = hooks_deferred.set(True)  # the callbacks run after the shield, in finish()
     try:
-        if commit and session.in_transaction():
+        if session.in_transaction():
             await session.commit()
     finally:
+        hooks_deferred.reset(token)
         # close() rolls back whatever is still open and returns the connection to the pool.
         await session.close()
+
+
+async def _commit_deferring_hooks(session: AsyncSession) -> None:
+    token = hooks_deferred.set(True)  # the callbacks run after the shield, in commit()
+    try:
+        await session.commit()
+    finally:
+        hooks_deferred.reset(token)
 
 
 async def finish(session: AsyncSession, *, commit: bool) -> None:
     """Commit (when ``commit`` and a transaction is open), then close, shielded from cancellation."""
     if not session.in_transaction() and getattr(session, "_busy_task", None) is None:
         # Nothing begun, so no connection: close() only forgets the session's objects. It does no IO and so
-        # never yields to the loop, leaving a cancellation nothing to interrupt: no task needed to shield it.
-        await session.close()
+        # never yields to the loop, leaving a cancellation nothing to interrupt: no shield needed. Our own
+        # session class is closed on its sync Session directly: with no IO there is nothing for the greenlet
+        # that AsyncSession.close() would start to wait on.
+        if type(session) is GuardedSession:
+            session.sync_session.close()
+        else:
+            await session.close()
         return
-    await run_to_completion(_commit_then_close(session, commit))
+    cleanup = _commit_then_close(session) if commit else session.close()
+    if _drivable(session):
+        await _drive(cleanup)
+    else:
+        await _in_a_task(cleanup)
     if commit and has_due_hooks(session):
         await run_due_hooks(session)
 
@@ -73,11 +226,9 @@ async def commit(session: AsyncSession) -> None:
 
     Then the on_commit callbacks that the commit made due, outside the shield.
     """
-    await run_to_completion(_commit_deferring_hooks(session))
+    if _drivable(session):
+        await _drive(_commit_deferring_hooks(session))
+    else:
+        await _in_a_task(_commit_deferring_hooks(session))
     if has_due_hooks(session):
         await run_due_hooks(session)
-
-
-async def _commit_deferring_hooks(session: AsyncSession) -> None:
-    hooks_deferred.set(True)  # in run_to_completion's task of its own: the setting ends with it
-    await session.commit()

@@ -5,12 +5,16 @@ provisioning a new connection", asyncpg's "another operation is in progress"); w
 can then fail the same way and never return the connection. This session fails the second operation up
 front, before it touches the session, with an error that says what to do instead, so the first one finishes
 undisturbed; close() waits for it.
+
+Every guarded method is one coroutine of its own (made by ``_guard`` below) that checks and sets the busy
+task and awaits AsyncSession's method directly: a query pays one extra coroutine frame, not two.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -24,7 +28,17 @@ CLOSE_WAIT_SECONDS = 30.0
 
 _AsyncMethod = Callable[..., Coroutine[Any, Any, Any]]
 
-# Every AsyncSession method that runs something on the sync Session (close() has its own wrapper below).
+if sys.version_info >= (3, 12):
+    from asyncio import current_task as _current_task  # implemented in C from 3.12 on
+else:  # pragma: no cover - 3.11: asyncio.current_task is a Python function that does the same two calls
+    _current_tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] = vars(asyncio.tasks)["_current_tasks"]
+    _get_running_loop = asyncio.get_running_loop
+
+    def _current_task() -> asyncio.Task[Any] | None:
+        return _current_tasks.get(_get_running_loop())
+
+
+# Every AsyncSession method that runs something on the sync Session (close() and commit() have their own).
 _GUARDED_METHODS = (
     "connection",
     "delete",
@@ -53,54 +67,80 @@ class GuardedSession(AsyncSession):
     sync_session_class = HookSession
 
     _busy_task: asyncio.Task[Any] | None = None
-    _idle: asyncio.Event | None = None
+    # Set (to a future) by a close() that waits for another task's operation; that operation completes it.
+    _idle: asyncio.Future[None] | None = None
 
-    async def _run_guarded(self, method: _AsyncMethod, *args: Any, **kwargs: Any) -> Any:
-        task = asyncio.current_task()
-        busy = self._busy_task
-        if busy is task:  # the same task, one level down (run_sync's callback, say)
-            return await method(self, *args, **kwargs)
-        if busy is not None:
-            raise ConcurrentSessionUseError(CONCURRENT_USE.format(method=method.__name__))
-        self._busy_task = task
-        try:
-            return await method(self, *args, **kwargs)
-        finally:
-            self._busy_task = None
-            idle, self._idle = self._idle, None
-            if idle is not None:
-                idle.set()
+    async def _wait_idle(self) -> None:
+        """Wait until no other task runs an operation on this session (at most CLOSE_WAIT_SECONDS).
+
+        asyncio.wait() rather than wait_for(): from Python 3.12 on, wait_for() times out by cancelling the
+        task it runs in, which the cleanup's shield (_finish._drive) would take for a cancellation from outside.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_WAIT_SECONDS
+        while self._busy_task is not None and self._busy_task is not _current_task():
+            idle = self._idle
+            if idle is None:
+                idle = self._idle = loop.create_future()
+            done, _ = await asyncio.wait((idle,), timeout=max(0.0, deadline - loop.time()))
+            if not done:
+                raise ConcurrentSessionUseError(CONCURRENT_USE.format(method="close"))
 
     async def close(self) -> None:
         """Wait until no other task is running an operation on this session, then close it."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CLOSE_WAIT_SECONDS
-        while self._busy_task is not None and self._busy_task is not asyncio.current_task():
-            if self._idle is None:
-                self._idle = asyncio.Event()
-            try:
-                await asyncio.wait_for(self._idle.wait(), timeout=max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                raise ConcurrentSessionUseError(CONCURRENT_USE.format(method="close")) from None
-        await self._run_guarded(AsyncSession.close)
+        busy = self._busy_task
+        if busy is not None:
+            task = _current_task()
+            if busy is task:  # the same task, one level down
+                await AsyncSession.close(self)
+                return
+            await self._wait_idle()
+        self._busy_task = _current_task()
+        try:
+            await AsyncSession.close(self)
+        finally:
+            self._busy_task = None
+            idle = self._idle
+            if idle is not None:
+                self._idle = None
+                if not idle.done():
+                    idle.set_result(None)
 
     async def commit(self) -> None:
         """Commit, then run the on_commit callbacks that the commit made due."""
-        await self._run_guarded(AsyncSession.commit)
+        await _guarded_commit(self)
         if has_due_hooks(self) and not hooks_deferred.get():
             await run_due_hooks(self)
 
 
-def _guard(name: str) -> _AsyncMethod:
-    method: _AsyncMethod = getattr(AsyncSession, name)
+def _guard(method: _AsyncMethod) -> _AsyncMethod:
+    """``method`` of AsyncSession, refusing a second task while one runs an operation on the session."""
+    name = method.__name__
 
     @functools.wraps(method)
     async def guarded(self: GuardedSession, *args: Any, **kwargs: Any) -> Any:
-        return await self._run_guarded(method, *args, **kwargs)
+        task = _current_task()
+        busy = self._busy_task
+        if busy is None:
+            self._busy_task = task
+            try:
+                return await method(self, *args, **kwargs)
+            finally:
+                self._busy_task = None
+                idle = self._idle
+                if idle is not None:
+                    self._idle = None
+                    if not idle.done():
+                        idle.set_result(None)
+        if busy is task:  # the same task, one level down (scalars() runs execute(), say)
+            return await method(self, *args, **kwargs)
+        raise ConcurrentSessionUseError(CONCURRENT_USE.format(method=name))
 
     return guarded
 
 
+_guarded_commit = _guard(AsyncSession.commit)
+
 for _name in _GUARDED_METHODS:
     if hasattr(AsyncSession, _name):  # delete_all() and merge_all() came with SQLAlchemy 2.1
-        setattr(GuardedSession, _name, _guard(_name))
+        setattr(GuardedSession, _name, _guard(getattr(AsyncSession, _name)))
