@@ -9,10 +9,9 @@ Two ways to make the cleanup uninterruptible, chosen per session:
 - ``_drive``: run it in the caller's own task, which waits for each future the cleanup waits on through a
   ``_Waiter`` that a cancellation of the task cannot get past: no task, no extra turn of the event loop. This
   is the path of the package's own session class on the drivers known to allow it.
-- ``_in_a_task``: run it in a task of its own and wait for that task through ``asyncio.shield``. This is the
-  path of anything else: a cleanup that bounds its own waits with ``asyncio.timeout`` (or, from Python 3.12
-  on, ``asyncio.wait_for``) cancels the task it runs in when the time is up, and ``_drive`` could not tell
-  that cancellation from the caller's.
+- a task of its own, which the caller waits for through ``_drive``: the path of anything else. A cleanup
+  that bounds its own waits with ``asyncio.timeout`` (or, from Python 3.12 on, ``asyncio.wait_for``) cancels
+  the task it runs in when the time is up, and ``_drive`` could not tell that cancellation from the caller's.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import types
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
 import anyio
@@ -55,20 +54,15 @@ class _Waiter:
     ``cancel()`` says no, and the task delivers the cancellation with that wake-up.
     """
 
-    __slots__ = ("_asyncio_future_blocking", "_cancelling", "_context", "_future", "_loop", "_wake_up")
+    __slots__ = ("_asyncio_future_blocking", "_context", "_future", "_loop", "_wake_up")
 
-    _future: asyncio.Future[Any]
-    _loop: asyncio.AbstractEventLoop
-    _asyncio_future_blocking: bool
     _wake_up: Callable[[Any], object]
     _context: contextvars.Context | None
-    _cancelling: bool
 
     def __init__(self, future: asyncio.Future[Any]) -> None:
         self._future = future
         self._loop = future.get_loop()  # the task checks that the future is of its own loop
         self._asyncio_future_blocking = True  # the task sets it back to False: "I am waiting on it"
-        # _wake_up and _context: set by add_done_callback(), which the task calls before it can call cancel().
 
     def add_done_callback(
         self, wake_up: Callable[[Any], object], *, context: contextvars.Context | None = None
@@ -78,15 +72,14 @@ class _Waiter:
         self._future.add_done_callback(wake_up, context=context)
 
     def cancel(self, msg: Any = None) -> bool:
-        if getattr(self, "_cancelling", False):
-            return True  # the task's wake-up with CancelledError is on its way
-        self._cancelling = True
-        wake_up = getattr(self, "_wake_up", None)
-        if wake_up is None or not self._future.remove_done_callback(wake_up):
+        # The task calls add_done_callback() first. Once the wake-up is gone from the future (moved by an
+        # earlier cancel(), or scheduled as the future completed), say no: the task then keeps the
+        # cancellation and delivers it when it wakes.
+        if not self._future.remove_done_callback(self._wake_up):
             return False
         cancelled: asyncio.Future[None] = self._loop.create_future()
         cancelled.cancel(msg)
-        cancelled.add_done_callback(wake_up, context=self._context)
+        cancelled.add_done_callback(self._wake_up, context=self._context)
         return True
 
 
@@ -99,7 +92,7 @@ def _enter_shield() -> anyio.CancelScope:
 
 
 @types.coroutine
-def _drive(coro: Coroutine[Any, Any, T]) -> Generator[Any, Any, T]:
+def _drive(coro: Coroutine[Any, Any, T] | Generator[Any, None, T]) -> Generator[Any, Any, T]:
     """Run ``coro`` to its end in the current task, then re-raise the last cancellation that arrived meanwhile.
 
     For each future ``coro`` waits on, the task waits on a ``_Waiter`` of it; a cancellation wakes the task
@@ -112,40 +105,28 @@ def _drive(coro: Coroutine[Any, Any, T]) -> Generator[Any, Any, T]:
     try:
         waited = send(None)
         while True:
-            if waited is None:  # a bare yield (asyncio.sleep(0)): one turn of the loop
+            if waited is None:  # a bare yield (asyncio.sleep(0)): one turn of the loop, as on a future done already
+                waited = asyncio.get_running_loop().create_future()
+                waited.set_result(None)
+            waited._asyncio_future_blocking = False
+            while True:
                 try:
-                    yield None
+                    yield _Waiter(waited)
+                    break
                 except asyncio.CancelledError as exc:
-                    cancelled = exc
-                    if shield is None:
-                        shield = _enter_shield()
-            elif getattr(waited, "_asyncio_future_blocking", None) is None:
-                waited = coro.throw(RuntimeError(f"the cleanup yielded {waited!r}, not a future"))
-                continue
-            else:
-                waited._asyncio_future_blocking = False
-                while True:
-                    try:
-                        yield _Waiter(waited)
+                    # The future's own cancellation reaches coro when it resumes, as any other outcome does.
+                    if not waited.cancelled():
+                        cancelled = exc
+                        if shield is None:
+                            shield = _enter_shield()
+                    if waited.done():
                         break
-                    except asyncio.CancelledError as exc:
-                        # The future's own cancellation reaches coro when it resumes, as any other outcome does.
-                        if not (waited.done() and waited.cancelled()):
-                            cancelled = exc
-                            if shield is None:
-                                shield = _enter_shield()
-                        if waited.done():
-                            break
-                    except Exception:
-                        # The future failed: the task hands its error in here; coro gets it from the future.
-                        if not waited.done():
-                            raise
-                        break
+                except Exception:
+                    break  # the future failed, and the task handed its error in here: coro gets it from the future
             waited = send(None)
     except StopIteration as stop:
         result: T = stop.value
-    except GeneratorExit:  # the task itself is being thrown away (its loop closed): nothing left to wait for
-        coro.close()
+    except GeneratorExit:  # the task itself is being thrown away (its loop closed): leave the shield alone
         shield = None
         raise
     finally:
@@ -154,31 +135,6 @@ def _drive(coro: Coroutine[Any, Any, T]) -> Generator[Any, Any, T]:
     if cancelled is not None:
         raise cancelled
     return result
-
-
-async def _in_a_task(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` in its own task and wait until it is done, even if this task is cancelled meanwhile.
-
-    A cancellation that arrives while waiting is re-raised once ``coro`` has finished, so the caller never
-    returns (and the server never moves on) before the cleanup is over.
-    """
-    task = asyncio.get_running_loop().create_task(coro)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError as exc:
-        if task.done():
-            raise
-        cancelled = exc
-    with anyio.CancelScope(shield=True):
-        while not task.done():
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError as exc:
-                if task.done():
-                    raise
-                cancelled = exc
-    task.result()  # the cleanup's own error, if it failed, comes first
-    raise cancelled
 
 
 async def _commit_then_close(session: AsyncSession) -> None:
@@ -200,6 +156,13 @@ async def _commit_deferring_hooks(session: AsyncSession) -> None:
         hooks_deferred.reset(token)
 
 
+def _shielded(session: AsyncSession, cleanup: Coroutine[Any, Any, None]) -> Awaitable[None]:
+    if _drivable(session):
+        return _drive(cleanup)
+    # A task of its own, so that its own timeouts cancel only it; the caller waits for it through _drive.
+    return _drive(asyncio.get_running_loop().create_task(cleanup).__await__())
+
+
 async def finish(session: AsyncSession, *, commit: bool) -> None:
     """Commit (when ``commit`` and a transaction is open), then close, shielded from cancellation."""
     if not session.in_transaction() and getattr(session, "_busy_task", None) is None:
@@ -212,11 +175,7 @@ async def finish(session: AsyncSession, *, commit: bool) -> None:
         else:
             await session.close()
         return
-    cleanup = _commit_then_close(session) if commit else session.close()
-    if _drivable(session):
-        await _drive(cleanup)
-    else:
-        await _in_a_task(cleanup)
+    await _shielded(session, _commit_then_close(session) if commit else session.close())
     if commit and has_due_hooks(session):
         await run_due_hooks(session)
 
@@ -226,9 +185,6 @@ async def commit(session: AsyncSession) -> None:
 
     Then the on_commit callbacks that the commit made due, outside the shield.
     """
-    if _drivable(session):
-        await _drive(_commit_deferring_hooks(session))
-    else:
-        await _in_a_task(_commit_deferring_hooks(session))
+    await _shielded(session, _commit_deferring_hooks(session))
     if has_due_hooks(session):
         await run_due_hooks(session)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -28,17 +27,10 @@ CLOSE_WAIT_SECONDS = 30.0
 
 _AsyncMethod = Callable[..., Coroutine[Any, Any, Any]]
 
-if sys.version_info >= (3, 12):
-    from asyncio import current_task as _current_task  # implemented in C from 3.12 on
-else:  # pragma: no cover - 3.11: asyncio.current_task is a Python function that does the same two calls
-    _current_tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] = vars(asyncio.tasks)["_current_tasks"]
-    _get_running_loop = asyncio.get_running_loop
+# C from Python 3.12 on; a short Python function before.
+_current_task = asyncio.current_task
 
-    def _current_task() -> asyncio.Task[Any] | None:
-        return _current_tasks.get(_get_running_loop())
-
-
-# Every AsyncSession method that runs something on the sync Session (close() and commit() have their own).
+# Every AsyncSession method that runs something on the sync Session (close() and commit() add to the guard).
 _GUARDED_METHODS = (
     "connection",
     "delete",
@@ -88,23 +80,9 @@ class GuardedSession(AsyncSession):
 
     async def close(self) -> None:
         """Wait until no other task is running an operation on this session, then close it."""
-        busy = self._busy_task
-        if busy is not None:
-            task = _current_task()
-            if busy is task:  # the same task, one level down
-                await AsyncSession.close(self)
-                return
+        if self._busy_task is not None:
             await self._wait_idle()
-        self._busy_task = _current_task()
-        try:
-            await AsyncSession.close(self)
-        finally:
-            self._busy_task = None
-            idle = self._idle
-            if idle is not None:
-                self._idle = None
-                if not idle.done():
-                    idle.set_result(None)
+        await _guarded_close(self)
 
     async def commit(self) -> None:
         """Commit, then run the on_commit callbacks that the commit made due."""
@@ -139,6 +117,7 @@ def _guard(method: _AsyncMethod) -> _AsyncMethod:
     return guarded
 
 
+_guarded_close = _guard(AsyncSession.close)
 _guarded_commit = _guard(AsyncSession.commit)
 
 for _name in _GUARDED_METHODS:
