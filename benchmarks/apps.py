@@ -25,6 +25,7 @@ from starlette.routing import Route
 from .common import (
     EngineSettings,
     insert_one,
+    read_many,
     read_one,
     read_ten,
     session_factory,
@@ -97,6 +98,10 @@ def build_handwritten(settings: EngineSettings) -> ASGIApp:
         async with factory() as db:
             return PlainTextResponse(await read_ten(db))
 
+    async def queries(request: Request) -> Response:
+        async with factory() as db:
+            return PlainTextResponse(await read_many(db, request.path_params["count"]))
+
     routes = [
         Route("/nodb", nodb),
         Route("/session", session),
@@ -104,6 +109,7 @@ def build_handwritten(settings: EngineSettings) -> ASGIApp:
         Route("/insert", insert, methods=["POST"]),
         Route("/stream", stream),
         Route("/ten", ten),
+        Route("/queries/{count:int}", queries),
     ]
     return Starlette(routes=routes, lifespan=_disposing(engine))
 
@@ -139,6 +145,9 @@ def _middleware_routes(get_session: Callable[[Request], AsyncSession], *, commit
     async def ten(request: Request) -> Response:
         return PlainTextResponse(await read_ten(get_session(request)))
 
+    async def queries(request: Request) -> Response:
+        return PlainTextResponse(await read_many(get_session(request), request.path_params["count"]))
+
     return [
         Route("/nodb", nodb),
         Route("/session", session),
@@ -146,6 +155,7 @@ def _middleware_routes(get_session: Callable[[Request], AsyncSession], *, commit
         Route("/insert", insert, methods=["POST"]),
         Route("/stream", stream),
         Route("/ten", ten),
+        Route("/queries/{count:int}", queries),
     ]
 
 

@@ -43,6 +43,17 @@ ROUTES = (NODB_ROUTE, *DB_ROUTES)
 # Routes that run no statement: fast enough to need more requests for a stable figure.
 NO_QUERY_ROUTES = (NODB_ROUTE, "/session")
 METHODS = {"/insert": "POST"}
+# The sweep's routes (sweep.py): /queries/N runs N SELECTs by primary key in one session. Not in ROUTES.
+SWEEP_QUERY_COUNTS = (1, 10, 100)
+
+
+def queries_path(count: int) -> str:
+    return f"/queries/{count}"
+
+
+def _queried_id(index: int) -> int:
+    """The id the index-th query of /queries/N reads (0-based): the seed rows in turn."""
+    return index % SEED_ROWS + 1
 
 
 def item_name(item_id: int) -> str:
@@ -56,6 +67,7 @@ EXPECTED_BODY: dict[str, bytes] = {
     "/insert": b"ok",
     "/stream": b"".join(f"{item_name(i)}\n".encode() for i in range(1, STREAM_CHUNKS + 1)),
     "/ten": item_name(TEN_QUERIES).encode(),
+    **{queries_path(count): item_name(_queried_id(count - 1)).encode() for count in SWEEP_QUERY_COUNTS},
 }
 
 
@@ -171,6 +183,14 @@ async def read_ten(session: AsyncSession) -> bytes:
     name = ""
     for item_id in range(1, TEN_QUERIES + 1):
         name = await _name(session, item_id)
+    return name.encode()
+
+
+async def read_many(session: AsyncSession, count: int) -> bytes:
+    """``count`` SELECTs by primary key (the route /queries/{count})."""
+    name = ""
+    for index in range(count):
+        name = await _name(session, _queried_id(index))
     return name.encode()
 
 

@@ -10,9 +10,13 @@ children pay the same start-up (interpreter, imports, app build, lifespan), so
 
 is the steady-state cost of one request: the ASGI app, the in-process client and the event loop. It does
 not vary with machine load, which throughput does; the apps share everything but the code under test, so
-the ratio of two apps' figures measures that code. Nothing here talks to the database: /nodb never
-does, and /session creates (and closes) a session without running a statement, which checks out no
-connection.
+the ratio of two apps' figures measures that code. The default routes never talk to the database: /nodb
+never does, and /session creates (and closes) a session without running a statement, which checks out no
+connection. The querying routes (``--routes /nodb,/session,/read,/insert``) count the client side of a
+round trip to PostgreSQL too (the driver, SQLAlchemy, the loop's wake-ups); with requests one at a time the
+count repeats to within a few hundred instructions in most runs, but a reply that arrives in two reads
+instead of one now and then moves it by a few thousand: run twice (``--repeat 2``) before trusting a small
+difference there.
 """
 
 from __future__ import annotations
@@ -32,22 +36,35 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from benchmarks.apps import APPS, BARE, HANDWRITTEN, OURS
-from benchmarks.common import NODB_ROUTE, EngineSettings, database_url, git_state
+from benchmarks.common import (
+    INSERT_FIRST_ID,
+    NO_QUERY_ROUTES,
+    NODB_ROUTE,
+    ROUTES,
+    EngineSettings,
+    clean_inserted,
+    database_url,
+    git_state,
+    prepare_table,
+)
 from benchmarks.driver import Lifespan, run_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_APPS = (BARE, HANDWRITTEN, OURS, "asgi-db-session-commit")
-DEFAULT_ROUTES = (NODB_ROUTE, "/session")
+DEFAULT_ROUTES = NO_QUERY_ROUTES
+# /insert children each start their ids here, this far apart, so that two children never collide.
+_INSERT_ID_STRIDE = 1_000_000
 NODB_TARGET = 1.03
 _TOTALS = re.compile(rb"^(?:totals|summary):\s*(\d+)", re.MULTILINE)
 
@@ -89,11 +106,14 @@ class Job:
     app: str
     route: str
     requests: int
+    repeat: int = 0
+    insert_base: int = INSERT_FIRST_ID
+    """First id this child's /insert requests use: distinct per child, as children run side by side."""
 
 
 def callgrind_ir(job: Job, loop: str, workdir: Path) -> int:
     """Instructions executed by a child serving ``job.requests`` requests."""
-    out = workdir / f"callgrind.{job.app}.{job.route.strip('/')}.{job.requests}.out"
+    out = workdir / f"callgrind.{job.app}.{job.route.strip('/')}.{job.requests}.{job.repeat}.out"
     command = [
         "valgrind",
         "--tool=callgrind",
@@ -109,6 +129,8 @@ def callgrind_ir(job: Job, loop: str, workdir: Path) -> int:
     ]
     # A fixed hash seed makes dict and set layouts, and so the instruction counts, repeatable.
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+    if job.route == "/insert":
+        env["BENCH_INSERT_BASE"] = str(job.insert_base)
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{job}: exit {result.returncode}: {result.stderr.strip()[-2000:]}")
@@ -158,7 +180,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--apps", default=",".join(DEFAULT_APPS), help="comma-separated apps (see run.py --help)")
-    parser.add_argument("--routes", default=",".join(DEFAULT_ROUTES), help="comma-separated routes that run no query")
+    parser.add_argument(
+        "--routes", default=",".join(DEFAULT_ROUTES), help=f"comma-separated routes, of {', '.join(ROUTES)}"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each (app, route); the table gives the median")
     parser.add_argument("--small", type=int, default=200, help="requests in the first child (K1)")
     parser.add_argument("--large", type=int, default=1200, help="requests in the second child (K2)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="callgrind children run at once")
@@ -172,11 +197,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [a for a in args.apps if a not in APPS]
     if unknown:
         parser.error(f"unknown app(s) {', '.join(unknown)}; known: {', '.join(APPS)}")
-    querying = [r for r in args.routes if r not in DEFAULT_ROUTES]
-    if querying:
-        parser.error(f"only routes that run no query give a repeatable count: {', '.join(DEFAULT_ROUTES)}")
+    bad_routes = [r for r in args.routes if r not in ROUTES]
+    if bad_routes:
+        parser.error(f"unknown route(s) {', '.join(bad_routes)}; known: {', '.join(ROUTES)}")
     if not 0 < args.small < args.large:
         parser.error("need 0 < --small < --large")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     needed = {baseline_for(route) for route in args.routes}
     args.apps = [key for key in APPS if key in set(args.apps) | needed]
     if args.loop == "uvloop":
@@ -196,7 +223,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 2
     todo = pairs(args.apps, args.routes)
-    jobs = [Job(app, route, k) for app, route in todo for k in (args.small, args.large)]
+    jobs = [
+        Job(app, route, k, repeat)
+        for repeat in range(args.repeat)
+        for app, route in todo
+        for k in (args.small, args.large)
+    ]
+    jobs = [replace(job, insert_base=INSERT_FIRST_ID + _INSERT_ID_STRIDE * (1 + i)) for i, job in enumerate(jobs)]
+    querying = any(route not in NO_QUERY_ROUTES for route in args.routes)
+    if querying:
+        asyncio.run(prepare_table(database_url()))
     workdir = Path(tempfile.mkdtemp(prefix="bench-callgrind-"))
     started = time.perf_counter()
     print(f"{len(jobs)} callgrind runs, {args.jobs} at a time, in {workdir}", file=sys.stderr, flush=True)
@@ -210,17 +246,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as exc:
                 failures[(job.app, job.route)] = str(exc)
             else:
-                print(f"  {job.app} {job.route} x{job.requests}: {counts[job]:,} Ir", file=sys.stderr, flush=True)
+                print(
+                    f"  {job.app} {job.route} x{job.requests} #{job.repeat + 1}: {counts[job]:,} Ir",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
-    per_request: dict[tuple[str, str], float] = {}
+    if querying:
+        asyncio.run(clean_inserted(database_url()))
+    by_key = {(job.app, job.route, job.repeat, job.requests): ir for job, ir in counts.items()}
+    runs: dict[tuple[str, str], list[float]] = {}
     for app, route in todo:
-        small, large = Job(app, route, args.small), Job(app, route, args.large)
-        if small in counts and large in counts:
-            per_request[(app, route)] = (counts[large] - counts[small]) / (args.large - args.small)
+        for repeat in range(args.repeat):
+            small, large = by_key.get((app, route, repeat, args.small)), by_key.get((app, route, repeat, args.large))
+            if small is not None and large is not None:
+                runs.setdefault((app, route), []).append((large - small) / (args.large - args.small))
+    per_request = {key: statistics.median(values) for key, values in runs.items()}
     header = (
         f"Instructions per request (callgrind Ir, (Ir(K2) - Ir(K1)) / (K2 - K1), K1={args.small}, K2={args.large}), "
-        f"sequential in-process requests, loop {args.loop}; {time.perf_counter() - started:.0f}s"
+        f"sequential in-process requests, loop {args.loop}"
+        + (f", median of {args.repeat} runs" if args.repeat > 1 else "")
+        + f"; {time.perf_counter() - started:.0f}s"
     )
     text, rows = render(per_request, args.routes, header) if per_request else ("no results", [])
     print(text)
@@ -233,7 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "large": args.large,
         "loop": args.loop,
         "git": git_state(),
-        "raw_ir": [{"app": j.app, "route": j.route, "requests": j.requests, "ir": ir} for j, ir in counts.items()],
+        "repeat": args.repeat,
+        "raw_ir": [
+            {"app": j.app, "route": j.route, "requests": j.requests, "repeat": j.repeat, "ir": ir}
+            for j, ir in counts.items()
+        ],
+        "runs": [{"app": app, "route": route, "instructions": values} for (app, route), values in runs.items()],
         "per_request": rows,
         "failures": {f"{app} {route}": reason for (app, route), reason in failures.items()},
     }
