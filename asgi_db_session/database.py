@@ -30,6 +30,8 @@ SESSION_DEFAULTS: Mapping[str, Any] = {"expire_on_commit": False, "autoflush": F
 logger = logging.getLogger("asgi_db_session")
 
 _registry: dict[str, Database] = {}
+# Connections whose transaction every new session of a database name joins (see Database.sessions_joining).
+_joining: dict[str, AsyncConnection] = {}
 # Every Database of this process, for the fork hook below; weak, so that it keeps none of them alive.
 _all_databases: weakref.WeakSet[Database] = weakref.WeakSet()
 
@@ -111,6 +113,9 @@ class Database:
         self._reapers: list[OrphanReaper] = []
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
         self._joined: async_sessionmaker[AsyncSession] | None = None
+        joining = _joining.get(name)
+        if joining is not None:
+            self._join(joining)
         self._replica_settings = self._settings_of_replicas(replicas)
         self._replica_engines: list[AsyncEngine] | None = None
         self._read_only_makers: Iterator[async_sessionmaker[AsyncSession]] | None = None
@@ -274,17 +279,25 @@ class Database:
 
         For tests (``asgi_db_session.testing``): the app's sessions use savepoints on that one connection, so
         the app may commit as it likes and the test still rolls everything back at its end. It applies to the
-        whole Database, not one task: the app may run in another task, or (TestClient) another thread.
+        whole Database, not one task: the app may run in another task, or (TestClient) another thread; and to
+        a Database of the same name created inside the block, as DBSessionMiddleware(app, url=...) creates its
+        own at the app's first request.
         """
-        if self._joined is not None:
+        if self.name in _joining:
             raise RuntimeError(f"Sessions of database {self.name!r} already join a connection; blocks do not nest.")
-        self._joined = async_sessionmaker(
-            connection, **{**self.session_options, "join_transaction_mode": "create_savepoint"}
-        )
+        _joining[self.name] = connection
+        self._join(connection)
         try:
             yield
         finally:
-            self._joined = None
+            del _joining[self.name]
+            for database in list(_all_databases):
+                if database.name == self.name:
+                    database._joined = None
+
+    def _join(self, connection: AsyncConnection) -> None:
+        options = {**self.session_options, "join_transaction_mode": "create_savepoint"}
+        self._joined = async_sessionmaker(connection, **options)
 
     # A health check needs its own bound; callers should not have to wrap it in asyncio.timeout().
     async def check(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109

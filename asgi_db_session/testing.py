@@ -17,8 +17,9 @@ the conftest of the projects that want them is cheaper than that surprise.
 
 Fixtures:
 
-- ``database``: the ``Database`` whose sessions the tests roll back; by default ``get_database("default")``.
-  Override it to return the Database your app uses (``DBSessionMiddleware(app, database=...)``).
+- ``database``: the ``Database`` whose sessions the tests roll back; by default ``get_database("default")``,
+  or one made from the ``DATABASE_*`` environment when none exists yet. Override it to return the Database
+  your app uses (``DBSessionMiddleware(app, database=...)``) where the environment does not describe it.
 - ``db_session`` (async tests, anyio's ``@pytest.mark.anyio``): opens one connection, begins the outer
   transaction on it, and for the length of the test makes every new session of ``database`` (the app's
   request sessions, ``session_scope()`` blocks) join it through a SAVEPOINT, so app code may commit as it
@@ -41,11 +42,12 @@ Limits and notes:
 - The app's sessions share the test's one connection, so sessions used *at the same time* (``asyncio.gather``
   over several ``session_scope()`` blocks, overlapping requests) nest their savepoints into each other and fail
   (``savepoint "sa_savepoint_2" does not exist``): test such code against real commits.
-- The Database must exist when the transaction opens. ``DBSessionMiddleware(app, url=...)`` creates its Database
-  only when Starlette builds the middleware, at the app's first request or lifespan startup: early enough for
-  ``db_client`` (it looks the Database up after the client's startup), too late for ``db_session``, so create
-  the Database yourself and pass ``database=``. The transaction fails the test at its end if a new Database has
-  replaced it under the same name, since that one's commits were real.
+- ``app.add_middleware(DBSessionMiddleware)`` creates its Database only when Starlette builds the middleware,
+  at the app's first request or lifespan startup, after ``db_session`` has opened the transaction. The plugin
+  then opens it on a Database made from the ``DATABASE_*`` environment under the same name, and the app's,
+  made inside the transaction, joins it too. An app that gives the middleware ``url=`` in code, with no
+  ``DATABASE_URL`` in the tests' environment, must create its Database itself (``database=``) and return it
+  from a ``database`` fixture.
 - SQLite: the ``sqlite3`` module (under aiosqlite) emits BEGIN only before a write, so the app's first SAVEPOINT
   would open the transaction and its RELEASE commit it for real. The test's connection turns that handling off
   and emits BEGIN itself (see ``_begin_outer``).
@@ -73,16 +75,9 @@ if TYPE_CHECKING:
 __all__ = ["outer_transaction", "outer_transaction_in", "override_session"]
 
 NOT_CREATED_YET = (
-    "asgi_db_session.testing: no Database named {name!r} exists yet. DBSessionMiddleware(app, url=...) creates "
-    "its Database only when Starlette builds the middleware (the app's first request, or lifespan startup), "
-    "too late for the test's transaction. Create it yourself, pass it to the middleware "
-    "(DBSessionMiddleware, database=db) and return it from a `database` fixture in your conftest.py."
-)
-REPLACED = (
-    "asgi_db_session.testing: a new Database named {name!r} was created during the test, so the sessions of the "
-    "one the test rolled back may not be the app's, and what the app committed may have been saved for real. "
-    "Create the app's Database once, before the tests, pass it to the middleware with database=, and return it "
-    "from the `database` fixture."
+    "asgi_db_session.testing: no Database named {name!r} exists, and none could be made from the environment "
+    "({reason}). Set DATABASE_URL for the tests, or create the app's Database yourself, pass it to the "
+    "middleware (DBSessionMiddleware, database=db) and return it from a `database` fixture in your conftest.py."
 )
 NOT_STARTED = (
     "asgi_db_session.testing: the TestClient is not started. Use it as `with TestClient(app) as client:`; "
@@ -92,10 +87,19 @@ NOT_A_DATABASE = "asgi_db_session.testing: the `database` fixture returned {valu
 
 
 def _lookup(name: str) -> Database:
+    """The Database named ``name``; made from the ``DATABASE_*`` environment when there is none yet.
+
+    The app's own may not exist yet: ``app.add_middleware(DBSessionMiddleware)`` creates it at the app's first
+    request. One the app creates inside the test's transaction joins that transaction as this one does.
+    """
     try:
         return get_database(name)
     except NoSessionError:
-        raise LookupError(NOT_CREATED_YET.format(name=name)) from None
+        pass
+    try:
+        return Database(name=name)
+    except ValueError as exc:
+        raise LookupError(NOT_CREATED_YET.format(name=name, reason=exc)) from None
 
 
 async def _begin_outer(connection: AsyncConnection) -> None:
@@ -133,12 +137,6 @@ async def outer_transaction(database: Database | str = "default") -> AsyncIterat
                 yield session
             finally:
                 await session.close()
-        try:
-            replaced = get_database(database.name) is not database
-        except NoSessionError:  # pragma: no cover - the registry only ever gains names
-            replaced = True
-        if replaced:
-            raise RuntimeError(REPLACED.format(name=database.name))
     finally:
         try:
             await connection.rollback()

@@ -30,12 +30,11 @@ import sqlalchemy.dialects.sqlite.aiosqlite  # noqa: F401
 from sqlalchemy import text
 
 from asgi_db_session import Database, NoSessionError, current_session, session_scope
+from asgi_db_session import database as database_module
 from asgi_db_session.exceptions import NO_DATABASE
 from asgi_db_session.testing import (
     NOT_A_DATABASE,
-    NOT_CREATED_YET,
     NOT_STARTED,
-    REPLACED,
     outer_transaction,
     outer_transaction_in,
     override_session,
@@ -282,25 +281,57 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def test_outer_transaction_before_the_database_exists_says_what_to_do() -> None:
+def test_outer_transaction_with_no_database_and_no_url_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+
     async def attempt() -> None:
         async with outer_transaction("adbs-never-created"):
             pass  # pragma: no cover - cannot open
 
     with pytest.raises(LookupError) as caught:
         run(attempt())
-    assert str(caught.value) == NOT_CREATED_YET.format(name="adbs-never-created")
+    assert str(caught.value).startswith("asgi_db_session.testing: no Database named 'adbs-never-created' exists")
+    assert "DATABASE_URL" in str(caught.value)
 
 
-def test_a_database_replaced_during_the_test_fails_it(target: Target) -> None:
-    async def replace_it() -> None:
-        database = Database(target.url, name="adbs-replaced")
-        async with outer_transaction(database):
-            Database(target.url, name="adbs-replaced")
+def test_a_database_made_inside_the_block_joins_it(target: Target) -> None:
+    """The app's Database may be made during the test (the middleware makes its own at the first request)."""
 
-    with pytest.raises(RuntimeError) as caught:
-        run(replace_it())
-    assert str(caught.value) == REPLACED.format(name="adbs-replaced")
+    async def work() -> list[str]:
+        database = Database(target.url, name="adbs-made-later")
+        async with outer_transaction(database) as session:
+            later = Database(target.url, name="adbs-made-later")
+            async with session_scope("adbs-made-later", commit=True) as inner:
+                await inner.execute(text(f"INSERT INTO {target.table} (name) VALUES ('joined')"))
+            seen = list((await session.execute(text(f"SELECT name FROM {target.table}"))).scalars())
+        await later.dispose()
+        return seen
+
+    assert run(work()) == ["joined"]
+    assert target.stored() == []
+
+
+def test_the_plugin_finds_an_app_whose_middleware_reads_the_environment(
+    pytester: pytest.Pytester, target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``app.add_middleware(DBSessionMiddleware)`` with DATABASE_URL set and no `database` fixture: the README's
+    own pattern, where the app's Database is made only at the first request."""
+    monkeypatch.setenv("DATABASE_URL", target.url)
+    app = APP.format(table=target.table, url=target.url)
+    app = app.replace(f"db = Database({target.url!r})\n", "").replace(
+        "app.add_middleware(DBSessionMiddleware, database=db)", "app.add_middleware(DBSessionMiddleware)"
+    )
+    assert "database=db" not in app
+    pytester.makeini(INNER_INI)
+    pytester.makepyfile(myapp=app)
+    conftest = CONFTEST.replace("from myapp import app as the_app, db", "from myapp import app as the_app")
+    pytester.makeconftest(conftest.replace("@pytest.fixture\ndef database():\n    return db\n", ""))
+    pytester.makepyfile(test_env=HTTPX_TESTS)
+    # The inner run shares this process: a "default" Database left by an earlier one would be found first.
+    monkeypatch.delitem(database_module._registry, "default", raising=False)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    assert target.stored() == []
 
 
 def test_outer_transaction_in_a_client_that_is_not_started() -> None:
