@@ -35,6 +35,7 @@ if not __package__:
 import argparse
 import asyncio
 import gc
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -177,6 +178,14 @@ def _median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _quartiles(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """First and third quartiles (the value itself for one value)."""
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (None, None)
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
 def paired(mine: Series, theirs: Series, how: Callable[[float, float, float, float], float]) -> list[float]:
     """``how(my_cpu, their_cpu, my_rps, their_rps)`` for every pair of batches that both succeeded."""
     return [
@@ -221,6 +230,8 @@ def summarize(series: dict[Key, Series], config: Config) -> dict[str, Any]:
                     "added_cpu_us": _median(added),
                     "added_cpu_us_min": min(added) if added else None,
                     "added_cpu_us_max": max(added) if added else None,
+                    "added_cpu_us_q1": _quartiles(added)[0],
+                    "added_cpu_us_q3": _quartiles(added)[1],
                     "added_cpu_us_pairs": added,
                     "throughput_ratio": _median(ratios),
                     "cpu_ratio": _median(cpu_ratios),
@@ -296,10 +307,13 @@ def plot(summary: dict[str, Any], config: Config, path: Path, title: str) -> Non
             ys = [cells.get((app, x, queries), {}).get("median_cpu_us") for x in xs]
             if any(y is not None for y in ys):
                 name = {OURS: "asgi_db_session", HANDWRITTEN: "hand-written", BARE: "bare"}[app]
-                absolute.plot(xs, ys, style, marker="o", color=color(queries), label=f"{name}, {label(queries)}")
+                short = "/nodb" if queries == NODB else f"{queries} q."
+                absolute.plot(xs, ys, style, marker="o", color=color(queries), label=f"{name}, {short}")
     absolute.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="CPU µs per request")
+    bottom, top = absolute.get_ylim()
+    absolute.set_ylim(bottom, top * 30)  # room for the legend above the lines
     absolute.set_title("CPU per request (solid: asgi_db_session; dashed: its baseline)", fontsize=10)
-    absolute.legend(fontsize=7, loc="upper left")
+    absolute.legend(fontsize=7, loc="upper left", ncol=2)
 
     for queries in (NODB, *config.query_counts):
         points = [(x, comparisons.get((x, queries))) for x in xs]
@@ -308,15 +322,28 @@ def plot(summary: dict[str, Any], config: Config, path: Path, title: str) -> Non
             continue
         x_values = [x for x, _ in present]
         y_values = [c["added_cpu_us"] for _, c in present]
-        low = [c["added_cpu_us"] - c["added_cpu_us_min"] for _, c in present]
-        high = [c["added_cpu_us_max"] - c["added_cpu_us"] for _, c in present]
+        low = [max(0.0, c["added_cpu_us"] - c["added_cpu_us_q1"]) for _, c in present]
+        high = [max(0.0, c["added_cpu_us_q3"] - c["added_cpu_us"]) for _, c in present]
         added.errorbar(
             x_values, y_values, yerr=[low, high], marker="o", capsize=3, color=color(queries), label=label(queries)
         )
     added.axhline(0, color="black", linewidth=0.8)
+    for axes in (added, ratio):
+        axes.axvline(config.pool_size, color="tab:gray", linewidth=0.8, linestyle="--")
+    added.annotate(
+        f"pool_size {config.pool_size}: above it,\nrequests queue for a connection",
+        xy=(config.pool_size, 0.97),
+        xycoords=("data", "axes fraction"),
+        xytext=(4, 0),
+        textcoords="offset points",
+        va="top",
+        fontsize=8,
+        color="tab:gray",
+    )
     added.set(xscale="log", xlabel="concurrency", ylabel="added CPU µs per request")
     added.set_title(
-        "Added cost: asgi_db_session minus baseline, batch next to it\n(bars: min..max over batch pairs)", fontsize=10
+        "Added cost: asgi_db_session minus baseline, batch next to it\n(median; bars: middle half of the batch pairs)",
+        fontsize=10,
     )
     added.legend(fontsize=8)
 
@@ -359,6 +386,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "sweep.json", help="results file")
     parser.add_argument("--plot", type=Path, default=RESULTS_DIR / "sweep.png", help="PNG file")
     parser.add_argument("--no-plot", action="store_true", help="write no PNG (matplotlib not needed)")
+    parser.add_argument(
+        "--from-json", type=Path, default=None, help="measure nothing: table and plot from a results file"
+    )
     args = parser.parse_args(argv)
     unknown = [count for count in args.queries if count not in SWEEP_QUERY_COUNTS]
     if unknown:
@@ -380,6 +410,39 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, argparse.Namespace]:
     return config, args
 
 
+def _title(config: Config, environment_info: dict[str, Any]) -> str:
+    return (
+        f"asgi_db_session vs hand-written `async with session_factory()`, in-process, "
+        f"{config.rounds} round(s), pool_size {config.pool_size}, "
+        f"{environment_info['cpus']} CPUs, Python {environment_info['python']}, {environment_info['loop']}"
+    )
+
+
+def replot(args: argparse.Namespace) -> int:
+    """The table and the plot of an earlier run, from its results file (quartiles recomputed from its pairs)."""
+    payload = json.loads(args.from_json.read_text())
+    raw = payload["config"]
+    config = Config(
+        rounds=raw["rounds"],
+        concurrencies=tuple(raw["concurrencies"]),
+        query_counts=tuple(raw["query_counts"]),
+        query_budget=raw["query_budget"],
+        min_batch=raw["min_batch"],
+        pairs=raw["pairs"],
+        nodb_requests=raw["nodb_requests"],
+        pool_size=raw["pool_size"],
+        quick=raw["quick"],
+    )
+    summary = {"cells": payload["cells"], "comparisons": payload["comparisons"]}
+    for comparison in summary["comparisons"]:
+        comparison["added_cpu_us_q1"], comparison["added_cpu_us_q3"] = _quartiles(comparison["added_cpu_us_pairs"])
+    print(render(summary, config, f"Sweep from {args.from_json} ({payload['created']})"))
+    if not args.no_plot:
+        plot(summary, config, args.plot, _title(config, payload["environment"]))
+        log(f"plot written to {args.plot}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config, args = parse_args(argv)
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
@@ -392,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             loop_factory = uvloop.new_event_loop
             loop_name = "uvloop"
+    if args.from_json is not None:
+        return replot(args)
     leaks = install_leak_counter()
     started = time.perf_counter()
     with asyncio.Runner(loop_factory=loop_factory) as runner:
@@ -417,11 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_results(args.output, payload)
     log(f"results written to {args.output}")
     if not args.no_plot:
-        title = (
-            f"asgi_db_session vs hand-written `async with session_factory()`, in-process, "
-            f"{config.rounds} round(s), pool_size {config.pool_size}, "
-            f"{payload['environment']['cpus']} CPUs, Python {payload['environment']['python']}, {loop_name}"
-        )
+        title = _title(config, payload["environment"])
         plot(summary, config, args.plot, title)
         log(f"plot written to {args.plot}")
     return 0
