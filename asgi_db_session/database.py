@@ -231,12 +231,9 @@ class Database:
         if engines is None:
             engines = self._replica_engines = []
             for replica in self._replica_settings:
-                engine = create_async_engine(
-                    replica.engine_url(), **{**replica.engine_options(), **self._engine_options}
-                )
-                event.listen(engine.sync_engine, "do_connect", self._connect)
-                if self._counting_queries:
-                    count_queries_on(engine.sync_engine, self.name)
+                options = {**replica.engine_options(), **self._engine_options}
+                engine = create_async_engine(replica.engine_url(), **options)
+                self._instrument(engine, replica)
                 engines.append(engine)
         return engines
 

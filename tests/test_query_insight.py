@@ -121,3 +121,20 @@ async def test_counting_turned_on_after_the_engine_exists(database: Database) ->
         await session.execute(select(1))  # the engine is made here, before any middleware counts
     async with client(make_app(database, count_queries=True)) as http:
         assert (await http.get("/queries/2")).json()["statements"] == 2
+
+
+async def test_a_failed_statement_counts_and_its_time_too(database: Database) -> None:
+    async def failing(request: Request) -> Response:
+        try:
+            await current_session().execute(text("SELECT * FROM adbs_no_such_table"))
+        except Exception:
+            await current_session().rollback()
+        stats = query_stats()
+        return JSONResponse({"statements": stats.statements, "seconds": stats.seconds})
+
+    app = Starlette(routes=[Route("/", failing)])
+    app.add_middleware(DBSessionMiddleware, database=database, count_queries=True)
+    async with client(app) as http:
+        body = (await http.get("/")).json()
+    assert body["statements"] == 1
+    assert body["seconds"] > 0

@@ -6,8 +6,12 @@ server (``postgres``, ``template1``), so that ``current_database()`` names the o
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import AsyncIterator
 
+import anyio
+import asyncpg
 import pytest
 from sqlalchemy import select, text
 from starlette.applications import Starlette
@@ -143,3 +147,29 @@ def test_replicas_need_settings_to_share() -> None:
     engine = create_async_engine("sqlite+aiosqlite://")
     with pytest.raises(ValueError, match="replicas= needs url= or settings="):
         Database(engine=engine, replicas=["postgresql://r1/db"], name="engine-only")
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_a_statement_cut_off_on_a_replica_stops_there(backend: Backend) -> None:
+    """A replica's engine is watched like the primary's: a statement cut off by an anyio scope does not run on."""
+    name = f"adbs-replica-cut-{uuid.uuid4().hex[:12]}"
+    settings = DatabaseSettings(url=backend.url, replica_urls=REPLICAS[:1], application_name=name)
+    database = Database(settings=settings, name="replica-cut")
+    try:
+        with anyio.move_on_after(0.3):
+            async with session_scope("replica-cut", read_only=True) as session:
+                await session.execute(text("SELECT pg_sleep(5)"))
+        connection = await asyncpg.connect(backend.dsn)
+        try:
+            with anyio.fail_after(2):
+                while True:
+                    running = await connection.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state = 'active'", name
+                    )
+                    if not running:
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            await connection.close()
+    finally:
+        await database.dispose()
