@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncpg
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from asgi_db_session import default_error_response
 
@@ -29,4 +34,32 @@ async def test_other_asyncpg_interface_errors_are_left_alone(postgresql_dsn: str
             await connection.fetchval("SELECT $1::int")
     finally:
         await connection.close()
+    assert default_error_response(raised.value) is None
+
+
+def test_a_busy_sqlite_database_is_a_503(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'busy.db'}", connect_args={"timeout": 0})
+    try:
+        with engine.begin() as setup:
+            setup.exec_driver_sql("CREATE TABLE t (id INTEGER)")
+        with engine.connect() as holder, engine.connect() as other:
+            holder.exec_driver_sql("BEGIN EXCLUSIVE")
+            with pytest.raises(DBAPIError) as raised:
+                other.exec_driver_sql("INSERT INTO t VALUES (1)")
+            holder.rollback()
+    finally:
+        engine.dispose()
+    response = default_error_response(raised.value)
+    assert response is not None
+    assert response.status == 503
+
+
+async def test_a_postgresql_error_with_another_sqlstate_is_left_alone(postgresql_dsn: str) -> None:
+    engine = create_async_engine(postgresql_dsn.replace("postgresql://", "postgresql+asyncpg://"))
+    try:
+        async with engine.connect() as connection:
+            with pytest.raises(DBAPIError) as raised:
+                await connection.exec_driver_sql("SELEC 1")  # 42601, a syntax error: the app's bug, a 500
+    finally:
+        await engine.dispose()
     assert default_error_response(raised.value) is None
