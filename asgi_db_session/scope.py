@@ -36,9 +36,7 @@ class _SessionScope(AbstractAsyncContextManager[AsyncSession]):
         state = self._state = ScopeState(database, policy if self._commit is None else self._commit)
         state.outer = outer
         state.read_only = read_only
-        session = state.session = database.new_session(
-            read_only=read_only, on_primary=read_only and state.after_write()
-        )
+        session = state.open()
         self._token = var.set(state)
         return session
 
