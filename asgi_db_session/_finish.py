@@ -4,7 +4,7 @@ A plain ``await session.close()`` in ``finally`` is not enough: under ``task.can
 inside it raises CancelledError, and under an anyio cancel scope the cancellation is delivered again at
 every await, so the connection never gets back to the pool clean (sqlalchemy #8145, #12077).
 
-The cleanup runs in a task of its own, which the caller waits for through ``_drive``: a ``_Waiter`` that a
+The cleanup runs in a task of its own, which the caller waits for through ``_wait_for``: a ``_Waiter`` that a
 cancellation of the caller cannot get past, so the caller returns only once the cleanup is over, and then
 re-raises the cancellation. A task of its own also keeps the cleanup's own timeouts (``asyncio.timeout``)
 apart from the caller's cancellation.
@@ -34,7 +34,7 @@ class _Waiter:
     ``add_done_callback``, ``cancel``): the task registers its wake-up on the real future, so a normal wake-up
     costs nothing extra. ``task.cancel()`` calls ``cancel()`` here instead of on the real future, which moves
     the task's wake-up off the real future onto one already cancelled: the task wakes with CancelledError at
-    once, and ``_drive`` waits again. If the real future is done already and its wake-up on its way,
+    once, and ``_wait_for`` waits again. If the real future is done already and its wake-up on its way,
     ``cancel()`` says no, and the task delivers the cancellation with that wake-up.
     """
 
@@ -76,41 +76,28 @@ def _enter_shield() -> anyio.CancelScope:
 
 
 @types.coroutine
-def _drive(coro: Coroutine[Any, Any, T] | Generator[Any, None, T]) -> Generator[Any, Any, T]:
-    """Run ``coro`` to its end in the current task, then re-raise the last cancellation that arrived meanwhile.
+def _wait_for(task: asyncio.Task[T]) -> Generator[Any, Any, T]:
+    """Wait until ``task`` is done, whatever cancellations reach the waiting task; then re-raise the last one.
 
-    For each future ``coro`` waits on, the task waits on a ``_Waiter`` of it; a cancellation wakes the task
-    with CancelledError, which is kept, and the task waits again. ``coro``'s own error, if it fails, wins
-    over a cancellation, as it would from a task of its own.
+    The waiting task waits on a ``_Waiter`` of ``task``: a cancellation wakes it with CancelledError, which is
+    kept, and it waits again. ``task``'s own error, if it fails, wins over a kept cancellation.
     """
     cancelled: BaseException | None = None
     shield: anyio.CancelScope | None = None
-    send = coro.send
     try:
-        waited = send(None)
-        while True:
-            if waited is None:  # a bare yield (asyncio.sleep(0)): one turn of the loop, as on a future done already
-                waited = asyncio.get_running_loop().create_future()
-                waited.set_result(None)
-            waited._asyncio_future_blocking = False
-            while True:
-                try:
-                    yield _Waiter(waited)
-                    break
-                except asyncio.CancelledError as exc:
-                    # The future's own cancellation reaches coro when it resumes, as any other outcome does.
-                    if not waited.cancelled():
-                        cancelled = exc
-                        if shield is None:
-                            shield = _enter_shield()
-                    if waited.done():
-                        break
-                except Exception:
-                    break  # the future failed, and the task handed its error in here: coro gets it from the future
-            waited = send(None)
-    except StopIteration as stop:
-        result: T = stop.value
-    except GeneratorExit:  # the task itself is being thrown away (its loop closed): leave the shield alone
+        while not task.done():
+            try:
+                yield _Waiter(task)
+            except asyncio.CancelledError as exc:
+                # ``task``'s own cancellation reaches the caller through its result below, as any outcome does.
+                if not task.cancelled():
+                    cancelled = exc
+                    if shield is None:
+                        shield = _enter_shield()
+            except Exception:
+                pass  # ``task`` failed, and its error was handed in here: the caller gets it from its result
+        result = task.result()
+    except GeneratorExit:  # the waiting task itself is being thrown away (its loop closed): leave the shield
         shield = None
         raise
     finally:
@@ -141,11 +128,10 @@ async def _commit_deferring_hooks(session: AsyncSession) -> None:
 
 
 def _shielded(cleanup: Coroutine[Any, Any, None]) -> Awaitable[None]:
-    # A task of its own, so that its own timeouts cancel only it; the caller waits for it through _drive.
-    # (Driving the cleanup itself in the caller's task, _Waiter by _Waiter, counted fewer instructions under
-    # callgrind but cost ~5% more CPU per request at concurrency 32: asyncio's C task steps a task of its own
-    # on real futures faster than the caller's task steps through a stand-in for each of them.)
-    return _drive(asyncio.get_running_loop().create_task(cleanup).__await__())
+    # A task of its own, so that its own timeouts cancel only it. (Driving the cleanup itself in the caller's
+    # task, a _Waiter for each future it waits on, counted fewer instructions under callgrind but cost ~5% more
+    # CPU per request at concurrency 32: asyncio's C task steps a task of its own on real futures faster.)
+    return _wait_for(asyncio.get_running_loop().create_task(cleanup))
 
 
 async def finish(session: AsyncSession, *, commit: bool) -> None:

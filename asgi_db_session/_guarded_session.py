@@ -66,7 +66,7 @@ class GuardedSession(AsyncSession):
         """Wait until no other task runs an operation on this session (at most CLOSE_WAIT_SECONDS).
 
         asyncio.wait() rather than wait_for(): from Python 3.12 on, wait_for() times out by cancelling the
-        task it runs in, which the cleanup's shield (_finish._drive) would take for a cancellation from outside.
+        task it runs in, which the cleanup's shield (_finish._wait_for) would take for a cancellation from outside.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CLOSE_WAIT_SECONDS
