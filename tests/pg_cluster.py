@@ -158,27 +158,40 @@ class _Shared:
     holders = 0
 
 
+def _config(cluster: Cluster) -> Path:
+    """The cluster's configuration directory (postgresql-common's layout)."""
+    return Path(os.environ.get("PG_CLUSTER_CONF_ROOT", "/etc/postgresql")) / cluster.version / cluster.name
+
+
+def _create_configured(cluster: Cluster, hba: str, settings: str) -> Path:
+    """pg_createcluster (not started) with ``hba`` as its pg_hba.conf and ``settings`` appended to its
+    postgresql.conf; the configuration directory."""
+    _run(
+        [
+            "pg_createcluster",
+            "--quiet",
+            "--start-conf=manual",
+            "--port",
+            str(cluster.port),
+            cluster.version,
+            cluster.name,
+            "--",
+            "--no-sync",
+        ]
+    )
+    config = _config(cluster)
+    (config / "pg_hba.conf").write_text(hba)
+    with (config / "postgresql.conf").open("a") as conf:
+        conf.write(settings)
+    return config
+
+
 def _create_cluster() -> tuple[Cluster, Path]:
     version = _installed_version()
     cluster = Cluster(version, f"adbs_restart_{os.getpid()}", _free_port())
-    config = Path(os.environ.get("PG_CLUSTER_CONF_ROOT", "/etc/postgresql")) / cluster.version / cluster.name
+    config = _config(cluster)
     try:
-        _run(
-            [
-                "pg_createcluster",
-                "--quiet",
-                "--start-conf=manual",
-                "--port",
-                str(cluster.port),
-                cluster.version,
-                cluster.name,
-                "--",
-                "--no-sync",
-            ]
-        )
-        (config / "pg_hba.conf").write_text(PASSWORD_HBA + PG_HBA)
-        with (config / "postgresql.conf").open("a") as settings:
-            settings.write(SETTINGS)
+        _create_configured(cluster, PASSWORD_HBA + PG_HBA, SETTINGS)
         _run(cluster.ctl("start"))
         _create_database(cluster)
         _create_password_role(cluster)

@@ -34,7 +34,10 @@ from .pg_cluster import (
     PG_HBA,
     SETTINGS,
     Cluster,
+    _config,
+    _create_configured,
     _create_database,
+    _drop_cluster,
     _free_port,
     _installed_version,
     _run,
@@ -130,26 +133,6 @@ def _binaries_or_skip() -> None:
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; CI is set, so the replica tests must run")
         pytest.skip(reason)
-
-
-def _create_primary(cluster: Cluster, config: Path) -> None:
-    """pg_createcluster (not started), with this module's access rules and settings."""
-    _run(
-        [
-            "pg_createcluster",
-            "--quiet",
-            "--start-conf=manual",
-            "--port",
-            str(cluster.port),
-            cluster.version,
-            cluster.name,
-            "--",
-            "--no-sync",
-        ]
-    )
-    (config / "pg_hba.conf").write_text(PG_HBA + REPLICATION_HBA)
-    with (config / "postgresql.conf").open("a") as conf:
-        conf.write(SETTINGS + PRIMARY_SETTINGS)
 
 
 def _data_directory(cluster: Cluster) -> Path:
@@ -260,7 +243,7 @@ def _create_replica_set() -> ReplicaSet:
     primary = Cluster(version, f"adbs_primary_{os.getpid()}", _free_port())
     standby = Cluster(version, f"adbs_standby_{os.getpid()}", _free_port())
     try:
-        _create_primary(primary, _config(primary))
+        _create_configured(primary, PG_HBA + REPLICATION_HBA, SETTINGS + PRIMARY_SETTINGS)
         _run(primary.ctl("start"))
         _create_database(primary)
         _prepare_primary(primary)
@@ -278,14 +261,9 @@ def _create_replica_set() -> ReplicaSet:
     return replica_set
 
 
-def _config(cluster: Cluster) -> Path:
-    return Path(os.environ.get("PG_CLUSTER_CONF_ROOT", "/etc/postgresql")) / cluster.version / cluster.name
-
-
 def _drop(primary: Cluster, standby: Cluster) -> None:
     for cluster in (standby, primary):  # the standby first: it would keep reconnecting to a stopped primary
-        if _config(cluster).exists():  # also after a creation that failed halfway
-            _run(["pg_dropcluster", "--stop", cluster.version, cluster.name])
+        _drop_cluster(cluster, _config(cluster))
 
 
 class _Shared:
