@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import asyncpg
 import httpx
 import pytest
 
-from asgi_db_session import Database
+from asgi_db_session import Database, DatabaseSettings
 from asgi_db_session._types import ASGIApp
 
 from .models import TABLE
@@ -123,6 +124,21 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         selected = Backend("sqlite", f"sqlite+aiosqlite:///{path}", str(path))
         await selected.execute(CREATE_TABLE)
     return selected
+
+
+@asynccontextmanager
+async def database_named(backend: Backend, prefix: str, **options: Any) -> AsyncIterator[Database]:
+    """A Database on ``backend`` whose PostgreSQL connections carry an application_name of their own
+    (``prefix``-...), for tests that look for their backends; at the end every connection must be back in the
+    pool, and the pool is disposed."""
+    if backend.name == "postgresql":
+        options["application_name"] = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    db = Database(settings=DatabaseSettings(url=backend.url, **options))
+    try:
+        yield db
+        assert db.engine.pool.checkedout() == 0, "a connection was not returned to the pool"  # type: ignore[attr-defined]
+    finally:
+        await db.dispose()
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from asgi_db_session import Database, DatabaseSettings, DBSessionMiddleware, cur
 from asgi_db_session._types import ASGIApp, Message, Receive, Scope, Send
 
 from .asgi import Channel, http_scope
-from .conftest import Backend
+from .conftest import Backend, database_named
 from .models import Item
 
 pytestmark = pytest.mark.anyio
@@ -269,22 +269,19 @@ def no_connection_left_for_the_garbage_collector() -> Iterator[None]:
 @pytest.fixture
 async def database(backend: Backend) -> AsyncIterator[Database]:
     """A Database with a pool of one connection and, on PostgreSQL, an application_name of its own."""
-    options: dict[str, Any] = {"url": backend.url, "pool_size": 1, "max_overflow": 0, "pool_timeout": 1}
-    if backend.name == "postgresql":
-        options["application_name"] = f"adbs-cancel-{uuid.uuid4().hex[:12]}"
-    db = Database(settings=DatabaseSettings(**options))
-    yield db
+    name = None
     try:
-        assert db.engine.pool.checkedout() == 0, "a connection was not returned to the pool"  # type: ignore[attr-defined]
+        async with database_named(backend, "adbs-cancel", pool_size=1, max_overflow=0, pool_timeout=1) as db:
+            if backend.name == "postgresql":
+                name = application_name(db)
+            yield db
     finally:
-        await db.dispose()
-        if backend.name == "postgresql":
+        if name is not None:
             # A failed test must not leave a backend holding locks that the next test's TRUNCATE waits on.
             connection = await asyncpg.connect(backend.dsn)
             try:
                 await connection.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-                    application_name(db),
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", name
                 )
             finally:
                 await connection.close()

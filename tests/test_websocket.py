@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import closing
-from typing import Any
 
 import asyncpg
 import pytest
@@ -22,11 +20,11 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
-from asgi_db_session import Database, DatabaseSettings, DBSessionMiddleware, current_session
+from asgi_db_session import Database, DBSessionMiddleware, current_session
 from asgi_db_session._types import ASGIApp
 
 from .asgi import Channel, websocket_scope
-from .conftest import Backend
+from .conftest import Backend, database_named
 from .models import Item
 
 pytestmark = pytest.mark.anyio
@@ -150,15 +148,8 @@ async def assert_connection_returned(backend: Backend, database: Database, endpo
 @pytest.fixture
 async def database(backend: Backend) -> AsyncIterator[Database]:
     """The Database under test; on PostgreSQL its connections carry an application_name of their own."""
-    options: dict[str, Any] = {"url": backend.url}
-    if backend.name == "postgresql":
-        options["application_name"] = f"adbs-ws-{uuid.uuid4().hex[:12]}"
-    db = Database(settings=DatabaseSettings(**options))
-    yield db
-    try:
-        assert db.engine.pool.checkedout() == 0, "a connection was not returned to the pool"  # type: ignore[attr-defined]
-    finally:
-        await db.dispose()
+    async with database_named(backend, "adbs-ws") as db:
+        yield db
 
 
 # --- one session per connection -----------------------------------------------------------------------------
