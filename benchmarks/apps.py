@@ -204,28 +204,26 @@ def build_advanced_alchemy(settings: EngineSettings) -> ASGIApp:
 # ---- (6) asgi_db_session ----------------------------------------------------------------------------------
 
 
-def build_asgi_db_session(settings: EngineSettings) -> ASGIApp:
+def _build_asgi_db_session(settings: EngineSettings, *, commit_on_success: bool) -> ASGIApp:
     from asgi_db_session import DBSessionMiddleware, current_session
 
     def get_session(request: Request) -> AsyncSession:
         return current_session()
 
-    app = Starlette(routes=_middleware_routes(get_session, commit=True))
+    # Under commit_on_success /insert leaves the commit to the middleware, which commits before the response.
+    app = Starlette(routes=_middleware_routes(get_session, commit=not commit_on_success))
     # The middleware disposes the engine at lifespan shutdown.
-    app.add_middleware(DBSessionMiddleware, engine=settings.create_engine(), commit_on_success=False)
+    app.add_middleware(DBSessionMiddleware, engine=settings.create_engine(), commit_on_success=commit_on_success)
     return app
+
+
+def build_asgi_db_session(settings: EngineSettings) -> ASGIApp:
+    return _build_asgi_db_session(settings, commit_on_success=False)
 
 
 def build_asgi_db_session_commit(settings: EngineSettings) -> ASGIApp:
     """commit_on_success=True: /insert does not commit; the middleware commits before the response starts."""
-    from asgi_db_session import DBSessionMiddleware, current_session
-
-    def get_session(request: Request) -> AsyncSession:
-        return current_session()
-
-    app = Starlette(routes=_middleware_routes(get_session, commit=False))
-    app.add_middleware(DBSessionMiddleware, engine=settings.create_engine(), commit_on_success=True)
-    return app
+    return _build_asgi_db_session(settings, commit_on_success=True)
 
 
 # ---- registry ----------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from benchmarks.common import (
     queries_path,
 )
 from benchmarks.driver import Batch, Lifespan, run_batch
-from benchmarks.throughput import environment, install_leak_counter, log, write_results
+from benchmarks.throughput import environment, event_loop, install_leak_counter, log, write_results
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CONCURRENCIES = (1, 8, 32, 128, 512)
@@ -445,16 +445,7 @@ def replot(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, args = parse_args(argv)
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    loop_name = "asyncio"
-    if not args.no_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            log("uvloop is not installed; using asyncio's event loop")
-        else:
-            loop_factory = uvloop.new_event_loop
-            loop_name = "uvloop"
+    loop_factory, loop_name = event_loop(uvloop_wanted=not args.no_uvloop)
     if args.from_json is not None:
         return replot(args)
     leaks = install_leak_counter()

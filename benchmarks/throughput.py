@@ -523,18 +523,21 @@ async def _measure(args: argparse.Namespace, loop_name: str) -> dict[str, Any]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    loop_name = "asyncio"
-    if not args.no_uvloop:
+def event_loop(*, uvloop_wanted: bool) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
+    """The loop factory for asyncio.Runner (None: asyncio's own) and its name: uvloop when wanted and installed."""
+    if uvloop_wanted:
         try:
             import uvloop
         except ImportError:
             log("uvloop is not installed; using asyncio's event loop")
         else:
-            loop_factory = uvloop.new_event_loop
-            loop_name = "uvloop"
+            return uvloop.new_event_loop, "uvloop"
+    return None, "asyncio"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    loop_factory, loop_name = event_loop(uvloop_wanted=not args.no_uvloop)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         payload = runner.run(_measure(args, loop_name))
     output = args.output or RESULTS_DIR / ("latest-http.json" if args.http else "latest.json")
