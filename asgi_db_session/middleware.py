@@ -21,7 +21,6 @@ from .settings import DatabaseSettings
 # Messages that end an HTTP response: the last chance to fail it visibly if a late commit fails.
 _FINAL_BODY_TYPES = frozenset({"http.response.body", "http.response.pathsend", "http.response.zerocopysend"})
 _START_TYPES = frozenset({"http.response.start", "websocket.http.response.start"})
-_HTTP_SEND_TYPES = _FINAL_BODY_TYPES | {"http.response.start"}
 # Close codes that end a WebSocket normally; any other code rolls the connection's work back. 1005 is what a
 # server reports for a close frame that carried no code, as a client's plain close() sends.
 _NORMAL_CLOSE_CODES = frozenset({1000, 1001, 1005})
