@@ -11,8 +11,9 @@ FastAPI apps (classic ``Depends(get_db)`` and asgi_db_session on FastAPI) compar
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ from .common import (
 from .fastapi_apps import build_asgi_db_session_fastapi, build_fastapi_depends
 
 if TYPE_CHECKING:
-    from starlette.types import ASGIApp
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 OK = b"ok"
 TEXT = "text/plain"
@@ -62,6 +63,76 @@ async def nodb(request: Request) -> Response:
 
 def build_bare(settings: EngineSettings) -> ASGIApp:
     return Starlette(routes=[Route("/nodb", nodb)])
+
+
+# ---- floors: what any middleware costs, and any middleware that keeps per-request state in a ContextVar ----
+
+
+class _PassThrough:
+    """A pure ASGI middleware that does nothing: the cost of one more layer in Starlette's stack."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+_request_var: ContextVar[object] = ContextVar("bench_request")
+
+
+class _ContextVarOnly:
+    """Sets a ContextVar for each request and resets it after: the least a ContextVar-based middleware does."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        token = _request_var.set(scope)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _request_var.reset(token)
+
+
+class _ContextVarAndSend(_ContextVarOnly):
+    """Also hands the app a send of its own that forwards every message: the least that a middleware which
+    must act before the response starts (commit first) adds to a request."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        def forward(message: Message) -> Awaitable[None]:
+            return send(message)
+
+        token = _request_var.set(scope)
+        try:
+            await self.app(scope, receive, forward)
+        finally:
+            _request_var.reset(token)
+
+
+def build_floor_passthrough(settings: EngineSettings) -> ASGIApp:
+    app = Starlette(routes=[Route("/nodb", nodb)])
+    app.add_middleware(_PassThrough)
+    return app
+
+
+def build_floor_contextvar(settings: EngineSettings) -> ASGIApp:
+    app = Starlette(routes=[Route("/nodb", nodb)])
+    app.add_middleware(_ContextVarOnly)
+    return app
+
+
+def build_floor_send(settings: EngineSettings) -> ASGIApp:
+    app = Starlette(routes=[Route("/nodb", nodb)])
+    app.add_middleware(_ContextVarAndSend)
+    return app
 
 
 # ---- (2) hand-written: every endpoint opens and closes its own session (the lower bound) ---------------
@@ -241,12 +312,31 @@ class AppSpec:
 BARE = "bare"
 HANDWRITTEN = "handwritten"
 OURS = "asgi-db-session"
+FLOOR_PASSTHROUGH = "floor-passthrough"
+FLOOR_CONTEXTVAR = "floor-contextvar"
+FLOOR_SEND = "floor-send"
+FLOORS = (FLOOR_PASSTHROUGH, FLOOR_CONTEXTVAR, FLOOR_SEND)
 
 APPS: dict[str, AppSpec] = {
     spec.key: spec
     for spec in (
         AppSpec(BARE, "Starlette, no middleware, no database", build_bare, serves_db=False),
         AppSpec(HANDWRITTEN, "Starlette, `async with session_factory()` in each endpoint", build_handwritten),
+        AppSpec(
+            FLOOR_PASSTHROUGH, "Starlette + a middleware that does nothing", build_floor_passthrough, serves_db=False
+        ),
+        AppSpec(
+            FLOOR_CONTEXTVAR,
+            "Starlette + a middleware that only sets a ContextVar per request",
+            build_floor_contextvar,
+            serves_db=False,
+        ),
+        AppSpec(
+            FLOOR_SEND,
+            "Starlette + a middleware that sets a ContextVar and forwards send through a function of its own",
+            build_floor_send,
+            serves_db=False,
+        ),
         AppSpec("fastapi-depends", "FastAPI, `Depends(get_db)` yield dependency", build_fastapi_depends),
         AppSpec("fastapi-async-sqlalchemy", "Starlette + fastapi-async-sqlalchemy", build_fastapi_async_sqlalchemy),
         AppSpec("advanced-alchemy", "Starlette + advanced-alchemy extension", build_advanced_alchemy),

@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from benchmarks.apps import APPS, BARE, HANDWRITTEN, OURS
+from benchmarks.apps import APPS, BARE, FLOORS, HANDWRITTEN, OURS
 from benchmarks.common import (
     INSERT_FIRST_ID,
     NO_QUERY_ROUTES,
@@ -61,7 +61,7 @@ from benchmarks.driver import Lifespan, run_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-DEFAULT_APPS = (BARE, HANDWRITTEN, OURS, "asgi-db-session-commit")
+DEFAULT_APPS = (BARE, *FLOORS, HANDWRITTEN, OURS, "asgi-db-session-commit")
 DEFAULT_ROUTES = NO_QUERY_ROUTES
 # /insert children each start their ids here, this far apart, so that two children never collide.
 _INSERT_ID_STRIDE = 1_000_000

@@ -165,6 +165,40 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+async def _start(target: Target, key: str, unavailable: dict[str, str]) -> bool:
+    try:
+        await target.start()
+    except Exception as exc:
+        unavailable[key] = f"lifespan startup failed: {type(exc).__name__}: {exc}"
+        return False
+    return True
+
+
+async def _stop(target: Target, key: str) -> None:
+    try:
+        await target.stop()
+    except Exception as exc:
+        log(f"  {key}: lifespan shutdown failed: {type(exc).__name__}: {exc}")
+
+
+async def _measure_cell(target: Target, route: str, cell: Cell, number: int) -> None:
+    if cell.problems:
+        # It failed in an earlier round: a broken route is reported, not measured again.
+        cell.record(None)
+        return
+    try:
+        batch = await target.measure(route)
+    except Exception as exc:
+        cell.record(None)
+        cell.problems.append(f"round {number + 1}: {type(exc).__name__}: {exc}")
+        return
+    if batch.errors:
+        cell.record(None)
+        cell.problems.append(f"round {number + 1}: {batch.errors}/{batch.requests} failed; first: {batch.first_error}")
+    else:
+        cell.record(batch)
+
+
 async def run_rounds(
     targets: dict[str, Target],
     apps: list[str],
@@ -172,46 +206,38 @@ async def run_rounds(
     rounds: int,
     unavailable: dict[str, str],
     between_rounds: Callable[[], Coroutine[Any, Any, object]],
+    *,
+    route_major: bool = False,
 ) -> Run:
+    """Measure every app on every route once per round, the apps' order rotated by one each round.
+
+    ``route_major``: within a round, each route visits every app in turn (each app started for the route and
+    stopped after it), so that the batches whose ratio is taken run seconds apart rather than a whole app's
+    set of routes apart, and share more of the machine's drift. Otherwise each app is started once per round
+    and runs all its routes (HTTP mode: a server start per route would cost more than it saves).
+    """
     cells = {route: {key: Cell() for key in apps} for route in routes}
     started = time.perf_counter()
     for number in range(rounds):
         t0 = time.perf_counter()
         shift = number % len(apps)
-        for key in apps[shift:] + apps[:shift]:
+        order = apps[shift:] + apps[:shift]
+        visits = (
+            [(key, [route]) for route in routes for key in order if route in routes_of(APPS[key], routes)]
+            if route_major
+            else [(key, routes_of(APPS[key], routes)) for key in order]
+        )
+        for key, app_routes in visits:
             if key in unavailable:
                 continue
             target = targets[key]
-            try:
-                await target.start()
-            except Exception as exc:
-                unavailable[key] = f"lifespan startup failed: {type(exc).__name__}: {exc}"
+            if not await _start(target, key, unavailable):
                 continue
             try:
-                for route in routes_of(APPS[key], routes):
-                    cell = cells[route][key]
-                    if cell.problems:
-                        # It failed in an earlier round: a broken route is reported, not measured again.
-                        cell.record(None)
-                        continue
-                    try:
-                        batch = await target.measure(route)
-                    except Exception as exc:
-                        cell.record(None)
-                        cell.problems.append(f"round {number + 1}: {type(exc).__name__}: {exc}")
-                        continue
-                    if batch.errors:
-                        cell.record(None)
-                        cell.problems.append(
-                            f"round {number + 1}: {batch.errors}/{batch.requests} failed; first: {batch.first_error}"
-                        )
-                    else:
-                        cell.record(batch)
+                for route in app_routes:
+                    await _measure_cell(target, route, cells[route][key], number)
             finally:
-                try:
-                    await target.stop()
-                except Exception as exc:
-                    log(f"  {key}: lifespan shutdown failed: {type(exc).__name__}: {exc}")
+                await _stop(target, key)
         await between_rounds()
         log(f"round {number + 1}/{rounds} done in {time.perf_counter() - t0:.1f}s")
     return Run(routes, apps, cells, unavailable, time.perf_counter() - started)
@@ -471,7 +497,9 @@ async def _measure(args: argparse.Namespace, loop_name: str) -> dict[str, Any]:
         await clean_inserted(settings.url)
 
     try:
-        run = await run_rounds(targets, args.apps, args.routes, args.rounds, unavailable, between_rounds)
+        run = await run_rounds(
+            targets, args.apps, args.routes, args.rounds, unavailable, between_rounds, route_major=not args.http
+        )
     finally:
         for target in targets.values():
             target.cleanup()
