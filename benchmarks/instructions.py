@@ -72,15 +72,15 @@ _TOTALS = re.compile(rb"^(?:totals|summary):\s*(\d+)", re.MULTILINE)
 # ---- the child: K requests, in-process, one at a time --------------------------------------------------------
 
 
-async def _serve(app_key: str, route: str, requests: int) -> int:
-    app = APPS[app_key].build(EngineSettings(url=database_url()))
+async def _serve(app_key: str, route: str, requests: int, concurrency: int) -> int:
+    app = APPS[app_key].build(EngineSettings(url=database_url(), pool_size=max(5, concurrency)))
     lifespan = Lifespan(app)
     await lifespan.startup()
     # Everything alive now (modules, the app) leaves the collector's view: otherwise whether a full
     # collection of those ~200,000 objects falls between K1 and K2 moves the figure by thousands.
     gc.collect()
     gc.freeze()
-    batch = await run_batch(app, route, requests, 1, lifespan.state, limit=3600)
+    batch = await run_batch(app, route, requests, concurrency, lifespan.state, limit=3600)
     await lifespan.shutdown()
     if batch.errors:
         print(f"{app_key} {route}: {batch.errors} of {requests} failed; first: {batch.first_error}", file=sys.stderr)
@@ -88,14 +88,14 @@ async def _serve(app_key: str, route: str, requests: int) -> int:
     return 0
 
 
-def child(app_key: str, route: str, requests: int, loop: str) -> int:
+def child(app_key: str, route: str, requests: int, loop: str, concurrency: int) -> int:
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if loop == "uvloop":
         import uvloop
 
         loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_serve(app_key, route, requests))
+        return runner.run(_serve(app_key, route, requests, concurrency))
 
 
 # ---- the parent -----------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class Job:
     """First id this child's /insert requests use: distinct per child, as children run side by side."""
 
 
-def callgrind_ir(job: Job, loop: str, workdir: Path) -> int:
+def callgrind_ir(job: Job, loop: str, concurrency: int, workdir: Path) -> int:
     """Instructions executed by a child serving ``job.requests`` requests."""
     out = workdir / f"callgrind.{job.app}.{job.route.strip('/')}.{job.requests}.{job.repeat}.out"
     command = [
@@ -126,6 +126,8 @@ def callgrind_ir(job: Job, loop: str, workdir: Path) -> int:
         str(job.requests),
         "--loop",
         loop,
+        "--concurrency",
+        str(concurrency),
     ]
     # A fixed hash seed makes dict and set layouts, and so the instruction counts, repeatable.
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -188,6 +190,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--large", type=int, default=1200, help="requests in the second child (K2)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="callgrind children run at once")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop of the children")
+    parser.add_argument(
+        "--concurrency", type=int, default=1, help="requests in flight in each child (its pool_size too, at least 5)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the callgrind output files (printed path)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "instructions.json", help="results file")
     parser.add_argument("--child", nargs=3, metavar=("APP", "ROUTE", "REQUESTS"), help=argparse.SUPPRESS)
@@ -218,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         app_key, route, requests = args.child
-        return child(app_key, route, int(requests), args.loop)
+        return child(app_key, route, int(requests), args.loop, args.concurrency)
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 2
@@ -239,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts: dict[Job, int] = {}
     failures: dict[tuple[str, str], str] = {}
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {job: pool.submit(callgrind_ir, job, args.loop, workdir) for job in jobs}
+        futures = {job: pool.submit(callgrind_ir, job, args.loop, args.concurrency, workdir) for job in jobs}
         for job, future in futures.items():
             try:
                 counts[job] = future.result()
@@ -265,7 +270,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_request = {key: statistics.median(values) for key, values in runs.items()}
     header = (
         f"Instructions per request (callgrind Ir, (Ir(K2) - Ir(K1)) / (K2 - K1), K1={args.small}, K2={args.large}), "
-        f"sequential in-process requests, loop {args.loop}"
+        + (
+            "sequential in-process requests"
+            if args.concurrency == 1
+            else f"{args.concurrency} in-process requests at once"
+        )
+        + f", loop {args.loop}"
         + (f", median of {args.repeat} runs" if args.repeat > 1 else "")
         + f"; {time.perf_counter() - started:.0f}s"
     )
@@ -279,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "small": args.small,
         "large": args.large,
         "loop": args.loop,
+        "concurrency": args.concurrency,
         "git": git_state(),
         "repeat": args.repeat,
         "raw_ir": [

@@ -1,0 +1,151 @@
+"""Two apps, many short batches back to back: a paired comparison that settles differences of a few per cent.
+
+    python benchmarks/paired.py [--apps handwritten,asgi-db-session] [--routes /read,/insert] [--pairs 20]
+
+``run.py`` takes one ratio per round, and on a shared machine single rounds of a querying route swing by
+±20%, so five rounds cannot tell 0.95 from 1.00. Here both apps run at once (lifespans started, pools
+warmed up), and for each route they serve ``--pairs`` pairs of batches, A B, B A, A B, ...: the two batches
+of a pair run within a second or two of each other, so they share the machine's drift, and the order
+alternates so that neither always runs first. Printed per route: the median, quartiles and range of the
+paired ratios (B's requests/s over A's, and A's CPU per request over B's: above 1 B is faster on both).
+Results: ``results/paired.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if not __package__:
+    _here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if not p or str(Path(p).resolve()) != _here]
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import asyncio
+import gc
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.apps import APPS, HANDWRITTEN, OURS
+from benchmarks.common import (
+    NO_QUERY_ROUTES,
+    NODB_ROUTE,
+    ROUTES,
+    EngineSettings,
+    clean_inserted,
+    database_url,
+    prepare_table,
+)
+from benchmarks.driver import Lifespan, run_batch
+from benchmarks.throughput import environment, event_loop, log, write_results
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _spread(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"median": None, "q1": None, "q3": None, "min": None, "max": None}
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
+    return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
+
+
+async def _measure(args: argparse.Namespace) -> dict[str, Any]:
+    url = database_url()
+    await prepare_table(url)
+    settings = EngineSettings(url=url, pool_size=args.concurrency, max_overflow=0)
+    first, second = args.apps
+    apps = {key: APPS[key].build(settings) for key in args.apps}
+    lifespans = {key: Lifespan(app) for key, app in apps.items()}
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+    for lifespan in lifespans.values():
+        await lifespan.startup()
+    try:
+        for route in args.routes:
+            for key, app in apps.items():  # every pooled connection opened, every code path run once
+                warm = await run_batch(app, route, 4 * args.concurrency, args.concurrency, lifespans[key].state)
+                if warm.errors:
+                    raise SystemExit(f"{key} {route}: warm-up failed: {warm.first_error}")
+            rps: list[float] = []
+            cpu: list[float] = []
+            requests = args.requests_nodb if route in NO_QUERY_ROUTES else args.requests
+            for number in range(args.pairs):
+                order = [first, second] if number % 2 == 0 else [second, first]
+                batches = {}
+                for key in order:
+                    gc.collect()
+                    batch = await run_batch(apps[key], route, requests, args.concurrency, lifespans[key].state)
+                    if batch.errors:
+                        raise SystemExit(f"{key} {route}: {batch.errors} failed; first: {batch.first_error}")
+                    batches[key] = batch
+                rps.append(batches[second].rps / batches[first].rps)
+                a_cpu, b_cpu = batches[first].cpu_us, batches[second].cpu_us
+                if a_cpu is not None and b_cpu:
+                    cpu.append(a_cpu / b_cpu)
+            await clean_inserted(url)
+            results[route] = {"requests": requests, "rps_ratios": rps, "cpu_ratios": cpu, **_spread(rps)}
+            results[route]["cpu"] = _spread(cpu)
+            row = results[route]
+            print(
+                f"{route:<8} {second} / {first}: median {row['median']:.3f}  quartiles {row['q1']:.3f}..{row['q3']:.3f}"
+                f"  range {row['min']:.3f}..{row['max']:.3f}  cpu median {row['cpu']['median']:.3f}",
+                flush=True,
+            )
+    finally:
+        for lifespan in lifespans.values():
+            await lifespan.shutdown()
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": {
+            "apps": args.apps,
+            "pairs": args.pairs,
+            "requests": args.requests,
+            "requests_nodb": args.requests_nodb,
+            "concurrency": args.concurrency,
+        },
+        "environment": environment(args.loop_name),
+        "routes": results,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Paired comparison of two apps: many short batches back to back, alternating order.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--apps", default=f"{HANDWRITTEN},{OURS}", help="A,B: ratios are B over A")
+    parser.add_argument("--routes", default="/read,/insert", help=f"comma-separated, of {', '.join(ROUTES)}")
+    parser.add_argument("--pairs", type=int, default=20, help="pairs of batches per route")
+    parser.add_argument("--requests", type=int, default=1000, help="requests per batch on querying routes")
+    parser.add_argument("--requests-nodb", type=int, default=10000, help="requests per batch on /nodb, /session")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (and pool_size)")
+    parser.add_argument("--no-uvloop", action="store_true", help="asyncio's own event loop")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "paired.json", help="results file")
+    args = parser.parse_args(argv)
+    args.apps = [a.strip() for a in args.apps.split(",") if a.strip()]
+    args.routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    if len(args.apps) != 2 or any(a not in APPS for a in args.apps):
+        parser.error(f"--apps takes two of {', '.join(APPS)}")
+    both_serve_db = all(APPS[a].serves_db for a in args.apps)
+    bad = [r for r in args.routes if r not in ROUTES or (r != NODB_ROUTE and not both_serve_db)]
+    if bad:
+        parser.error(f"route(s) {', '.join(bad)} not served by both apps")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    loop_factory, args.loop_name = event_loop(uvloop_wanted=not args.no_uvloop)
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        payload = runner.run(_measure(args))
+    write_results(args.output, payload)
+    log(f"results written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
