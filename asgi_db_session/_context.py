@@ -14,9 +14,6 @@ from ._types import Scope
 from .exceptions import NO_SCOPE, NO_SESSION_ROUTE, SCOPE_ENDED, NoSessionError
 from .route_policy import policy_of
 
-# Key of session.info set by the session's own events when it writes (see database.py's ReplicaAwareSession).
-WROTE = "asgi_db_session.wrote"
-
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -105,7 +102,9 @@ class ScopeState:
         state: ScopeState | None = self
         while state is not None:
             if state.wrote or (
-                not state.read_only and state.session is not None and state.session.sync_session.info.get(WROTE)
+                not state.read_only
+                and state.session is not None
+                and getattr(state.session.sync_session, "_wrote", False)
             ):
                 return True
             state = state.outer
@@ -115,7 +114,7 @@ class ScopeState:
         """Close the scope to new use and hand over its session (None if none was created) for closing."""
         session, self.session = self.session, None
         self.ended = True
-        if session is not None and not self.read_only and session.sync_session.info.get(WROTE):
+        if session is not None and not self.read_only and getattr(session.sync_session, "_wrote", False):
             # Kept on every enclosing scope: a later block of the same request must know, not only this one.
             # (A read-only session cannot have written: the server refused.)
             state: ScopeState | None = self

@@ -61,7 +61,11 @@ class OrphanReaper:
         await asyncio.sleep(ORPHAN_GRACE_SECONDS)
         try:
             if self._side_engine is None:
-                self._side_engine = create_async_engine(self._url, poolclass=NullPool, connect_args=self._connect_args)
+                # AUTOCOMMIT: no transaction around the one statement, so this connection is never seen idle in
+                # one (by a check for leftover transactions, say), and it closes without a ROLLBACK.
+                self._side_engine = create_async_engine(
+                    self._url, poolclass=NullPool, connect_args=self._connect_args, isolation_level="AUTOCOMMIT"
+                )
             async with self._side_engine.connect() as connection:
                 await connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
         except Exception:  # the server may be gone too; the statement then is as well

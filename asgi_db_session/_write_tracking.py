@@ -1,4 +1,4 @@
-"""The sync Session of databases with replicas: it notes in its ``info`` when it has written.
+"""The sync Session of databases with replicas: it notes when it has written (``HookSession._wrote``).
 
 A request that wrote must read its own write: a later read-only block in the same request then stays on the
 primary instead of a replica that may not have replayed the write yet (see ScopeState.after_write).
@@ -6,22 +6,21 @@ primary instead of a replica that may not have replayed the write yet (see Scope
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import TextClause, event
-from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.orm import ORMExecuteState
 
-from ._context import WROTE
 from .commit_hooks import HookSession
 
 
 class WriteTrackingSession(HookSession):
-    """Sets ``info[WROTE]`` on a flush that sent changes, and on any statement that is not a plain SELECT."""
+    """Sets ``_wrote`` on a flush that sent changes, and on any statement that is not a plain SELECT."""
 
 
 @event.listens_for(WriteTrackingSession, "after_flush")
-def _flushed(session: Session, flush_context: Any) -> None:
-    session.info[WROTE] = True
+def _flushed(session: WriteTrackingSession, flush_context: Any) -> None:
+    session._wrote = True
 
 
 @event.listens_for(WriteTrackingSession, "do_orm_execute")
@@ -32,7 +31,8 @@ def _executed(state: ORMExecuteState) -> None:
     # Raw SQL that starts as a plain read is one; any other counts as a write: the primary is the safe side.
     if isinstance(statement, TextClause) and statement.text.lstrip()[:6].upper() in _READ_PREFIXES:
         return
-    state.session.info[WROTE] = True
+    # Registered on WriteTrackingSession, so the session is one.
+    cast(WriteTrackingSession, state.session)._wrote = True
 
 
 _READ_PREFIXES = frozenset({"SELECT", "SHOW"})

@@ -1,6 +1,6 @@
 """on_commit(): work that must happen only for data that was really saved (an email, a queued job).
 
-A callback registered with ``on_commit`` waits in the session's ``info`` until the session's transaction
+A callback registered with ``on_commit`` waits on the sync session (``HookSession``) until its transaction
 ends. The sync session events below sort it: a commit makes it due, the end of the transaction without one
 drops it, and the rollback of a savepoint drops what was registered inside that savepoint. Due callbacks run
 after the commit has returned, outside the commit's cancellation shield and the session's own transaction,
@@ -32,10 +32,6 @@ CommitCallback = Callable[[], Awaitable[None] | None]
 
 logger = logging.getLogger("asgi_db_session")
 
-# Keys of session.info: callbacks waiting for the transaction to end, and callbacks whose commit happened.
-_WAITING = "asgi_db_session.on_commit.waiting"
-_DUE = "asgi_db_session.on_commit.due"
-
 # Set while the package commits a session inside its cancellation shield: the commit's own task must not run
 # the callbacks (a slow one could not be cancelled there); the code that awaited the shield runs them after.
 hooks_deferred: ContextVar[bool] = ContextVar("asgi_db_session.hooks_deferred", default=False)
@@ -51,7 +47,17 @@ class _Hook:
 
 
 class HookSession(Session):
-    """The sync Session behind the package's sessions: the one whose transaction events move hooks along."""
+    """The sync Session behind the package's sessions: the one whose transaction events move hooks along.
+
+    The hooks live in attributes of its own rather than in ``info``: ``info`` is made on first access, and
+    reading it at every transaction's end would make one dict per request that registers no hook.
+    """
+
+    # Callbacks waiting for the transaction to end, and callbacks whose commit happened.
+    _hooks_waiting: list[_Hook] | None = None
+    _hooks_due: list[_Hook] | None = None
+    # Set by WriteTrackingSession (databases with replicas only) when the session has written.
+    _wrote = False
 
 
 def on_commit(callback: CommitCallback, name: str = "default") -> None:
@@ -75,19 +81,27 @@ def on_commit(callback: CommitCallback, name: str = "default") -> None:
             f"{type(sync_session).__name__}. Keep the default sync_session_class or derive it from HookSession."
         )
     transaction = sync_session.get_nested_transaction() or sync_session.get_transaction()
-    sync_session.info.setdefault(_WAITING, []).append(_Hook(callback, state.database, transaction))
+    hook = _Hook(callback, state.database, transaction)
+    if sync_session._hooks_waiting is None:
+        sync_session._hooks_waiting = [hook]
+    else:
+        sync_session._hooks_waiting.append(hook)
 
 
 @event.listens_for(HookSession, "after_commit")
-def _commit_made_hooks_due(session: Session) -> None:
-    waiting = session.info.pop(_WAITING, None)
+def _commit_made_hooks_due(session: HookSession) -> None:
+    waiting = session._hooks_waiting
     if waiting:
-        session.info.setdefault(_DUE, []).extend(waiting)
+        session._hooks_waiting = None
+        if session._hooks_due is None:
+            session._hooks_due = waiting
+        else:
+            session._hooks_due.extend(waiting)
 
 
 @event.listens_for(HookSession, "after_soft_rollback")
-def _savepoint_rollback_dropped_hooks(session: Session, previous_transaction: SessionTransaction) -> None:
-    waiting = session.info.get(_WAITING)
+def _savepoint_rollback_dropped_hooks(session: HookSession, previous_transaction: SessionTransaction) -> None:
+    waiting = session._hooks_waiting
     if not waiting or not previous_transaction.nested:
         return  # the outermost transaction's end is handled below
 
@@ -103,21 +117,24 @@ def _savepoint_rollback_dropped_hooks(session: Session, previous_transaction: Se
 
 
 @event.listens_for(HookSession, "after_transaction_end")
-def _uncommitted_end_dropped_hooks(session: Session, transaction: SessionTransaction) -> None:
+def _uncommitted_end_dropped_hooks(session: HookSession, transaction: SessionTransaction) -> None:
     # A commit has moved its hooks on (after_commit comes first): what still waits when the outermost
     # transaction ends was rolled back, or closed without a commit.
-    if transaction.parent is None and not transaction.nested:
-        session.info.pop(_WAITING, None)
+    if session._hooks_waiting is not None and transaction.parent is None and not transaction.nested:
+        session._hooks_waiting = None
 
 
 def has_due_hooks(session: AsyncSession) -> bool:
     """Whether a commit of ``session`` left callbacks to run: a cheap check for the commit paths."""
-    return bool(session.sync_session.info.get(_DUE))
+    return bool(getattr(session.sync_session, "_hooks_due", None))
 
 
 async def run_due_hooks(session: AsyncSession) -> None:
     """Run the callbacks that the last commit of ``session`` made due, in order, each in a fresh session."""
-    due: list[_Hook] | None = session.sync_session.info.pop(_DUE, None)
+    sync_session = session.sync_session
+    due: list[_Hook] | None = getattr(sync_session, "_hooks_due", None)
+    if due is not None:
+        sync_session._hooks_due = None  # type: ignore[attr-defined]
     for hook in due or ():
         await _run_hook(hook)
 

@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import Engine, event, make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -35,6 +35,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_db_session import Database, DatabaseSettings, DBSessionMiddleware, current_session
+from asgi_db_session._orphans import OrphanReaper
 from asgi_db_session._types import ASGIApp, Message, Receive, Scope, Send
 
 from .asgi import Channel, http_scope
@@ -505,3 +506,39 @@ async def test_second_cancel_during_cleanup_does_not_cut_it_short(backend: Backe
     assert log.invalidations == []
     assert log.connects == 1
     assert channel.sent == []
+
+
+# --- the watch that ends orphaned backends --------------------------------------------------------------------
+
+
+async def test_ending_an_orphan_holds_no_transaction_open(postgresql_dsn: str) -> None:
+    """The reaper's own connection runs its one statement outside a transaction: a check for leftover
+    transactions, run while it works, never finds it idle in one."""
+    url = postgresql_dsn.replace("postgresql://", "postgresql+asyncpg://")
+    engine = create_async_engine(url)
+    reaper = OrphanReaper(engine, make_url(url), {})
+    orphan = await asyncpg.connect(postgresql_dsn)
+    in_transaction: list[bool] = []
+
+    def after_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "pg_terminate_backend" in statement:
+            in_transaction.append(conn.connection.driver_connection.is_in_transaction())
+
+    event.listen(Engine, "after_cursor_execute", after_execute)
+    try:
+        await reaper._end_backend(orphan.get_server_pid())
+    finally:
+        event.remove(Engine, "after_cursor_execute", after_execute)
+        await reaper.close()
+        await engine.dispose()
+    assert in_transaction == [False]
+    assert orphan.is_closed() or await _ended(orphan)
+
+
+async def _ended(connection: asyncpg.Connection) -> bool:
+    try:
+        await connection.execute("SELECT 1")
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError):
+        return True
+    await connection.close()
+    return False
