@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
@@ -82,10 +82,7 @@ def on_commit(callback: CommitCallback, name: str = "default") -> None:
         )
     transaction = sync_session.get_nested_transaction() or sync_session.get_transaction()
     hook = _Hook(callback, state.database, transaction)
-    if sync_session._hooks_waiting is None:
-        sync_session._hooks_waiting = [hook]
-    else:
-        sync_session._hooks_waiting.append(hook)
+    sync_session._hooks_waiting = [*(sync_session._hooks_waiting or ()), hook]
 
 
 @event.listens_for(HookSession, "after_commit")
@@ -93,10 +90,7 @@ def _commit_made_hooks_due(session: HookSession) -> None:
     waiting = session._hooks_waiting
     if waiting:
         session._hooks_waiting = None
-        if session._hooks_due is None:
-            session._hooks_due = waiting
-        else:
-            session._hooks_due.extend(waiting)
+        session._hooks_due = [*(session._hooks_due or ()), *waiting]
 
 
 @event.listens_for(HookSession, "after_soft_rollback")
@@ -131,11 +125,9 @@ def has_due_hooks(session: AsyncSession) -> bool:
 
 async def run_due_hooks(session: AsyncSession) -> None:
     """Run the callbacks that the last commit of ``session`` made due, in order, each in a fresh session."""
-    sync_session = session.sync_session
-    due: list[_Hook] | None = getattr(sync_session, "_hooks_due", None)
-    if due is not None:
-        sync_session._hooks_due = None  # type: ignore[attr-defined]
-    for hook in due or ():
+    sync_session = cast(HookSession, session.sync_session)  # has_due_hooks() said so
+    due, sync_session._hooks_due = sync_session._hooks_due or [], None
+    for hook in due:
         await _run_hook(hook)
 
 

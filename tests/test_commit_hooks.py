@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -134,6 +135,17 @@ async def test_a_failing_callback_is_logged_and_the_next_still_runs(
 async def test_on_commit_outside_a_scope_names_the_fix() -> None:
     with pytest.raises(NoSessionError, match="session_scope"):
         on_commit(lambda: None)
+
+
+async def test_on_commit_with_a_foreign_sync_session_class_says_what_to_keep(sqlite_url: str) -> None:
+    # Only the package's sync session class moves hooks along at commit: another would drop them silently.
+    database = Database(sqlite_url, name="foreign", session_options={"sync_session_class": Session})
+    try:
+        async with session_scope("foreign"):
+            with pytest.raises(TypeError, match="derive it from HookSession"):
+                on_commit(lambda: None, "foreign")
+    finally:
+        await database.dispose()
 
 
 async def test_callbacks_of_a_scope_that_rolls_back_never_run(backend: Backend, database: Database) -> None:
