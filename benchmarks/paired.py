@@ -24,7 +24,6 @@ if not __package__:
 import argparse
 import asyncio
 import gc
-import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -40,16 +39,15 @@ from benchmarks.common import (
     prepare_table,
 )
 from benchmarks.driver import Lifespan, run_batch
-from benchmarks.throughput import environment, event_loop, log, write_results
+from benchmarks.throughput import environment, event_loop, log, median, quartiles, write_results
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def _spread(values: Sequence[float]) -> dict[str, float | None]:
-    if not values:
-        return {"median": None, "q1": None, "q3": None, "min": None, "max": None}
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
-    return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
+    q1, q3 = quartiles(values)
+    low, high = (min(values), max(values)) if values else (None, None)
+    return {"median": median(values), "q1": q1, "q3": q3, "min": low, "max": high}
 
 
 async def _measure(args: argparse.Namespace) -> dict[str, Any]:

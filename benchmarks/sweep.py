@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import gc
 import json
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +51,15 @@ from benchmarks.common import (
     queries_path,
 )
 from benchmarks.driver import Batch, Lifespan, run_batch
-from benchmarks.throughput import environment, event_loop, install_leak_counter, log, write_results
+from benchmarks.throughput import (
+    environment,
+    event_loop,
+    install_leak_counter,
+    log,
+    median,
+    quartiles,
+    write_results,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CONCURRENCIES = (1, 8, 32, 128, 512)
@@ -174,18 +181,6 @@ async def measure(config: Config) -> dict[Key, Series]:
 # ---- summary --------------------------------------------------------------------------------------------------
 
 
-def _median(values: Sequence[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def _quartiles(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """First and third quartiles (the value itself for one value)."""
-    if len(values) < 2:
-        return (values[0], values[0]) if values else (None, None)
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q3
-
-
 def paired(mine: Series, theirs: Series, how: Callable[[float, float, float, float], float]) -> list[float]:
     """``how(my_cpu, their_cpu, my_rps, their_rps)`` for every pair of batches that both succeeded."""
     return [
@@ -206,8 +201,8 @@ def summarize(series: dict[Key, Series], config: Config) -> dict[str, Any]:
                 "concurrency": concurrency,
                 "queries": queries,
                 "requests": config.requests(concurrency, queries),
-                "median_cpu_us": _median(cpu),
-                "median_rps": _median(rps),
+                "median_cpu_us": median(cpu),
+                "median_rps": median(rps),
                 "batches": {"cpu_us": s.cpu_us, "rps": s.rps},
                 "problems": s.problems,
             }
@@ -227,14 +222,14 @@ def summarize(series: dict[Key, Series], config: Config) -> dict[str, Any]:
                     "concurrency": concurrency,
                     "queries": queries,
                     "baseline": base,
-                    "added_cpu_us": _median(added),
+                    "added_cpu_us": median(added),
                     "added_cpu_us_min": min(added) if added else None,
                     "added_cpu_us_max": max(added) if added else None,
-                    "added_cpu_us_q1": _quartiles(added)[0],
-                    "added_cpu_us_q3": _quartiles(added)[1],
+                    "added_cpu_us_q1": quartiles(added)[0],
+                    "added_cpu_us_q3": quartiles(added)[1],
                     "added_cpu_us_pairs": added,
-                    "throughput_ratio": _median(ratios),
-                    "cpu_ratio": _median(cpu_ratios),
+                    "throughput_ratio": median(ratios),
+                    "cpu_ratio": median(cpu_ratios),
                 }
             )
     return {"cells": cells, "comparisons": comparisons}
@@ -435,7 +430,7 @@ def replot(args: argparse.Namespace) -> int:
     )
     summary = {"cells": payload["cells"], "comparisons": payload["comparisons"]}
     for comparison in summary["comparisons"]:
-        comparison["added_cpu_us_q1"], comparison["added_cpu_us_q3"] = _quartiles(comparison["added_cpu_us_pairs"])
+        comparison["added_cpu_us_q1"], comparison["added_cpu_us_q3"] = quartiles(comparison["added_cpu_us_pairs"])
     print(render(summary, config, f"Sweep from {args.from_json} ({payload['created']})"))
     if not args.no_plot:
         plot(summary, config, args.plot, _title(config, payload["environment"]))

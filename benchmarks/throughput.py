@@ -246,8 +246,16 @@ async def run_rounds(
 # ---- summary ---------------------------------------------------------------------------------------------------
 
 
-def _median(values: Sequence[float]) -> float | None:
+def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
+
+
+def quartiles(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """First and third quartiles (the value itself for one value)."""
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (None, None)
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
 
 
 def ratio_rounds(run: Run, route: str, key: str, against: str, metric: str = "rps") -> list[float]:
@@ -287,13 +295,13 @@ def summarize(run: Run) -> dict[str, dict[str, dict[str, Any]]]:
             cell = run.cells[route][key]
             ok = cell.ok()
             summary[route][key] = {
-                "median_rps": _median(ok),
+                "median_rps": median(ok),
                 "min_rps": min(ok) if ok else None,
                 "max_rps": max(ok) if ok else None,
                 "baseline": base,
-                "ratio": _median(ratio_rounds(run, route, key, base)),
-                "median_cpu_us": _median(cell.cpu_ok()),
-                "cpu_ratio": _median(ratio_rounds(run, route, key, base, "cpu")),
+                "ratio": median(ratio_rounds(run, route, key, base)),
+                "median_cpu_us": median(cell.cpu_ok()),
+                "cpu_ratio": median(ratio_rounds(run, route, key, base, "cpu")),
                 "status": cell_status(run, route, key),
             }
     return summary
@@ -330,8 +338,8 @@ def check_targets(run: Run, summary: dict[str, dict[str, dict[str, Any]]]) -> tu
     checks: list[dict[str, Any]] = []
 
     def add(route: str, mine: str, theirs: str, required: float) -> None:
-        value = _median(ratio_rounds(run, route, mine, theirs))
-        cpu = _median(ratio_rounds(run, route, mine, theirs, "cpu"))
+        value = median(ratio_rounds(run, route, mine, theirs))
+        cpu = median(ratio_rounds(run, route, mine, theirs, "cpu"))
         checks.append(
             {
                 "route": route,
