@@ -101,11 +101,7 @@ class ScopeState:
         """Whether this scope, or a scope it was opened in, has written: a read must then see the primary."""
         state: ScopeState | None = self
         while state is not None:
-            if state.wrote or (
-                not state.read_only
-                and state.session is not None
-                and getattr(state.session.sync_session, "_wrote", False)
-            ):
+            if state.wrote or (not state.read_only and _has_written(state.session)):
                 return True
             state = state.outer
         return False
@@ -114,7 +110,7 @@ class ScopeState:
         """Close the scope to new use and hand over its session (None if none was created) for closing."""
         session, self.session = self.session, None
         self.ended = True
-        if session is not None and not self.read_only and getattr(session.sync_session, "_wrote", False):
+        if not self.read_only and _has_written(session):
             # Kept on every enclosing scope: a later block of the same request must know, not only this one.
             # (A read-only session cannot have written: the server refused.)
             state: ScopeState | None = self
@@ -122,6 +118,11 @@ class ScopeState:
                 state.wrote = True
                 state = state.outer
         return session
+
+
+def _has_written(session: AsyncSession | None) -> bool:
+    # Only a WriteTrackingSession (databases with replicas) notes its writes; any other never says so.
+    return session is not None and getattr(session.sync_session, "_wrote", False)
 
 
 def current_session(name: str = "default") -> AsyncSession:

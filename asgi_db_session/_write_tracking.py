@@ -1,4 +1,4 @@
-"""The sync Session of databases with replicas: it notes when it has written (``HookSession._wrote``).
+"""The sync Session of databases with replicas: it notes when it has written (``_wrote``).
 
 A request that wrote must read its own write: a later read-only block in the same request then stays on the
 primary instead of a replica that may not have replayed the write yet (see ScopeState.after_write).
@@ -16,6 +16,8 @@ from .commit_hooks import HookSession
 
 class WriteTrackingSession(HookSession):
     """Sets ``_wrote`` on a flush that sent changes, and on any statement that is not a plain SELECT."""
+
+    _wrote = False
 
 
 @event.listens_for(WriteTrackingSession, "after_flush")

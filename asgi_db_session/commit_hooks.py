@@ -56,8 +56,6 @@ class HookSession(Session):
     # Callbacks waiting for the transaction to end, and callbacks whose commit happened.
     _hooks_waiting: list[_Hook] | None = None
     _hooks_due: list[_Hook] | None = None
-    # Set by WriteTrackingSession (databases with replicas only) when the session has written.
-    _wrote = False
 
 
 def on_commit(callback: CommitCallback, name: str = "default") -> None:
