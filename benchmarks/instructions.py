@@ -73,7 +73,7 @@ _TOTALS = re.compile(rb"^(?:totals|summary):\s*(\d+)", re.MULTILINE)
 
 
 async def _serve(app_key: str, route: str, requests: int, concurrency: int) -> int:
-    app = APPS[app_key].build(EngineSettings(url=database_url(), pool_size=max(5, concurrency)))
+    app = APPS[app_key].build(EngineSettings(url=database_url(), pool_size=max(EngineSettings.pool_size, concurrency)))
     lifespan = Lifespan(app)
     await lifespan.startup()
     # Everything alive now (modules, the app) leaves the collector's view: otherwise whether a full
@@ -191,7 +191,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="callgrind children run at once")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop of the children")
     parser.add_argument(
-        "--concurrency", type=int, default=1, help="requests in flight in each child (its pool_size too, at least 5)"
+        "--concurrency", type=int, default=1, help="requests in flight in each child (the pool grows to match)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the callgrind output files (printed path)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "instructions.json", help="results file")
