@@ -158,9 +158,11 @@ async def measure(config: Config) -> dict[Key, Series]:
                 if (index + number) % 2:
                     pair.reverse()
                 path = NODB_ROUTE if queries == NODB else queries_path(queries)
+                # Once per point, not per batch: from reset counters, the collector's full collections would
+                # fall only in the batches of an app that crosses its thresholds within one batch (paired.py).
+                gc.collect()
                 for _ in range(config.pairs):  # A B, B A, A B, ...: each app's k-th batch pairs with the other's
                     for key in pair:
-                        gc.collect()
                         batch = await run_batch(
                             apps[key],
                             path,
