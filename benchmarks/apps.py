@@ -24,6 +24,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .common import (
+    SESSION_OPTIONS,
     EngineSettings,
     insert_one,
     read_many,
@@ -275,7 +276,9 @@ def build_advanced_alchemy(settings: EngineSettings) -> ASGIApp:
 # ---- (6) asgi_db_session ----------------------------------------------------------------------------------
 
 
-def _build_asgi_db_session(settings: EngineSettings, *, commit_on_success: bool) -> ASGIApp:
+def _build_asgi_db_session(
+    settings: EngineSettings, *, commit_on_success: bool, session_options: dict[str, Any] | None = None
+) -> ASGIApp:
     from asgi_db_session import DBSessionMiddleware, current_session
 
     def get_session(request: Request) -> AsyncSession:
@@ -284,7 +287,12 @@ def _build_asgi_db_session(settings: EngineSettings, *, commit_on_success: bool)
     # Under commit_on_success /insert leaves the commit to the middleware, which commits before the response.
     app = Starlette(routes=_middleware_routes(get_session, commit=not commit_on_success))
     # The middleware disposes the engine at lifespan shutdown.
-    app.add_middleware(DBSessionMiddleware, engine=settings.create_engine(), commit_on_success=commit_on_success)
+    app.add_middleware(
+        DBSessionMiddleware,
+        engine=settings.create_engine(),
+        commit_on_success=commit_on_success,
+        session_options=session_options,
+    )
     return app
 
 
@@ -297,6 +305,13 @@ def build_asgi_db_session_commit(settings: EngineSettings) -> ASGIApp:
     return _build_asgi_db_session(settings, commit_on_success=True)
 
 
+def build_asgi_db_session_unguarded(settings: EngineSettings) -> ASGIApp:
+    """Plain AsyncSession sessions: without the guard against two tasks sharing one session (and on_commit)."""
+    return _build_asgi_db_session(
+        settings, commit_on_success=False, session_options={**SESSION_OPTIONS, "class_": AsyncSession}
+    )
+
+
 # ---- registry ----------------------------------------------------------------------------------------------
 
 
@@ -307,6 +322,8 @@ class AppSpec:
     build: Callable[[EngineSettings], ASGIApp]
     serves_db: bool = True
     """False: the app has /nodb only."""
+    in_default_run: bool = True
+    """False: run.py measures it only when --apps names it (paired.py and instructions.py take any app)."""
 
 
 BARE = "bare"
@@ -347,6 +364,12 @@ APPS: dict[str, AppSpec] = {
             build_asgi_db_session_commit,
         ),
         AppSpec("asgi-db-session-fastapi", "FastAPI + DBSessionMiddleware", build_asgi_db_session_fastapi),
+        AppSpec(
+            "asgi-db-session-unguarded",
+            "Starlette + DBSessionMiddleware(session_options={'class_': AsyncSession}): no concurrency guard",
+            build_asgi_db_session_unguarded,
+            in_default_run=False,
+        ),
     )
 }
 PEERS = ("fastapi-depends", "fastapi-async-sqlalchemy", "advanced-alchemy")

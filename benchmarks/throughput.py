@@ -434,7 +434,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=64, help="untimed requests before each timed batch")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
     parser.add_argument("--routes", type=_csv, default=list(ROUTES), help="comma-separated routes")
-    parser.add_argument("--apps", type=_csv, default=list(APPS), help="comma-separated apps")
+    default_apps = [key for key, spec in APPS.items() if spec.in_default_run]
+    parser.add_argument("--apps", type=_csv, default=default_apps, help="comma-separated apps")
     parser.add_argument("--pool-size", type=int, default=None, help="engine pool_size (default: --concurrency)")
     parser.add_argument("--max-overflow", type=int, default=0, help="engine max_overflow")
     parser.add_argument("--pool-pre-ping", action="store_true", help="pool_pre_ping=True on every engine")
