@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import asyncpg
-from sqlalchemy import event
-from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from ._guarded_session import GuardedSession
@@ -169,7 +168,13 @@ class Database:
     def _instrument(self, engine: AsyncEngine, settings: DatabaseSettings | None) -> None:
         """What every engine of this Database gets, whether it made the engine or was given it."""
         sync_engine = engine.sync_engine
-        event.listen(sync_engine, "do_connect", self._connect)
+        dialect = sync_engine.dialect
+        # The dialect's own connect, wrapped on this engine's dialect rather than through a "do_connect" listener:
+        # any dialect listener makes SQLAlchemy dispatch dialect events at every statement (do_execute,
+        # do_setinputsizes), ~12k instructions per statement here (benchmarks/instructions.py, /ten). Wrapped
+        # once: a second Database on the same engine leaves the first one's wrapper.
+        if "connect" not in vars(dialect):
+            setattr(dialect, "connect", functools.partial(self._connect, dialect.connect))  # noqa: B010
         if self._counting_queries:
             count_queries_on(sync_engine, self.name)
         if engine.dialect.driver != "asyncpg":
@@ -182,7 +187,7 @@ class Database:
             connect_args = settings.engine_options().get("connect_args", {})
             self._reapers.append(OrphanReaper(engine, settings.engine_url(), connect_args))
 
-    def _connect(self, dialect: Dialect, record: Any, cargs: Any, cparams: Any) -> Any:
+    def _connect(self, connect: Callable[..., Any], *cargs: Any, **cparams: Any) -> Any:
         """Open a DBAPI connection; a refused or reset connect, or a refused login, becomes DatabaseUnavailableError.
 
         The driver raises the first two as plain OSErrors that SQLAlchemy passes on unwrapped, which would make
@@ -191,7 +196,7 @@ class Database:
         a 500 with asyncpg's error; the server's text names the user, never the password.
         """
         try:
-            return dialect.connect(*cargs, **cparams)
+            return connect(*cargs, **cparams)
         except OSError as exc:
             raise DatabaseUnavailableError(
                 f"Cannot reach database {self.name!r} at {self.redacted_url}: {type(exc).__name__}: {exc}"
