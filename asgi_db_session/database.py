@@ -171,7 +171,7 @@ class Database:
         dialect = sync_engine.dialect
         # The dialect's own connect, wrapped on this engine's dialect rather than through a "do_connect" listener:
         # any dialect listener makes SQLAlchemy dispatch dialect events at every statement (do_execute,
-        # do_setinputsizes), ~12k instructions per statement here (benchmarks/instructions.py, /ten). Wrapped
+        # do_setinputsizes), ~6k instructions per statement here (benchmarks/instructions.py, /ten). Wrapped
         # once: a second Database on the same engine leaves the first one's wrapper.
         if "connect" not in vars(dialect):
             setattr(dialect, "connect", functools.partial(self._connect, dialect.connect))  # noqa: B010

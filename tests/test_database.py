@@ -146,7 +146,7 @@ async def test_a_given_engine_reports_a_refused_connect_once_under_the_first_dat
 
 def test_wrapping_the_connect_leaves_per_statement_dialect_events_off(sqlite_url: str) -> None:
     """A "do_connect" listener would do the same job, but any dialect listener makes SQLAlchemy dispatch dialect
-    events at every statement (~12k instructions each in benchmarks/instructions.py); the wrapper does not."""
+    events at every statement (~6k instructions each in benchmarks/instructions.py); the wrapper does not."""
     engine = create_async_engine(sqlite_url)
     Database(engine=engine, name="wrapped_connect")
     assert engine.sync_engine.dialect._has_events is False
