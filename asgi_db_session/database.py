@@ -172,7 +172,8 @@ class Database:
         # The dialect's own connect, wrapped on this engine's dialect rather than through a "do_connect" listener:
         # any dialect listener makes SQLAlchemy dispatch dialect events at every statement (do_execute,
         # do_setinputsizes), ~6k instructions per statement here (benchmarks/instructions.py, /ten). Wrapped
-        # once: a second Database on the same engine leaves the first one's wrapper.
+        # once: a second Database on the same engine leaves the first one's wrapper. (setattr: mypy refuses an
+        # assignment to a method.)
         if "connect" not in vars(dialect):
             setattr(dialect, "connect", functools.partial(self._connect, dialect.connect))  # noqa: B010
         if self._counting_queries:
