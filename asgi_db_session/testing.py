@@ -20,22 +20,28 @@ Fixtures:
 - ``database``: the ``Database`` whose sessions the tests roll back; by default ``get_database("default")``,
   or one made from the ``DATABASE_*`` environment when none exists yet. Override it to return the Database
   your app uses (``DBSessionMiddleware(app, database=...)``) where the environment does not describe it.
+- ``db_schema`` (session-scoped): the tables, made once for the test session and removed after it. The default
+  makes none; override it with ``schema_from_metadata()`` or ``schema_from_alembic()``.
 - ``db_session`` (async tests, anyio's ``@pytest.mark.anyio``): opens one connection, begins the outer
   transaction on it, and for the length of the test makes every new session of ``database`` (the app's
   request sessions, ``session_scope()`` blocks) join it through a SAVEPOINT, so app code may commit as it
-  likes; yields a session on that connection for the test's own checks; rolls everything back at the end.
-  Drive the app with ``httpx.AsyncClient(transport=httpx.ASGITransport(app))``, or call services directly.
-- ``db_client`` (sync tests): a Starlette ``TestClient`` for your ``app`` fixture, already started (lifespan
-  run), with the same outer transaction opened on the client's own event loop.
+  likes; yields a session on that connection for the test's own checks (made with the Database's session
+  options: ``autoflush=False`` like the app's); rolls everything back at the end.
+- ``db_client`` (async tests): an ``httpx.AsyncClient`` for your ``app`` fixture, with the app's lifespan run
+  by asgi-lifespan's ``LifespanManager``, inside ``db_session``'s transaction. Needs the ``testing`` extra
+  (``pip install 'asgi-db-session[testing]'``): httpx and asgi-lifespan, imported only when used.
 
-Functions, for your own fixtures: ``outer_transaction()`` (what ``db_session`` runs), ``outer_transaction_in()``
-(the same on a started TestClient's loop) and ``override_session()``.
+Functions, for your own fixtures: ``schema_from_metadata()`` and ``schema_from_alembic()`` (for ``db_schema``),
+``outer_transaction()`` (what ``db_session`` runs), ``outer_transaction_in()`` (the same on a started
+Starlette TestClient's loop, for sync tests) and ``override_session()``.
 
-Why the TestClient needs its own entry point: TestClient runs the app on an event loop of its own, in another
-thread, and an asyncpg connection works only on the loop it was opened on. The outer connection is therefore
-opened through ``client.portal`` (anyio's ``BlockingPortal.wrap_async_context_manager``), which exists only
-while the client is started: ``with TestClient(app) as client:``. A client used without ``with`` gives every
-request a new event loop, and no connection can serve them all.
+Why ``db_client`` is an httpx client on the test's loop rather than Starlette's TestClient: TestClient runs the
+app on an event loop of its own, in another thread, where the test cannot await anything; and Starlette 1.x
+deprecates TestClient on httpx (it wants httpx2), a warning that fails a run with ``filterwarnings = error``.
+Sync tests may still use a TestClient of their own with ``outer_transaction_in(client)``: the outer
+connection is then opened through ``client.portal`` (anyio's ``BlockingPortal.wrap_async_context_manager``),
+which exists only while the client is started (``with TestClient(app) as client:``), since an asyncpg
+connection works only on the loop it was opened on.
 
 Limits and notes:
 
@@ -64,15 +70,31 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from . import _testing_schema
 from ._context import ScopeState, scope_var
+from ._testing_schema import ALEMBIC_ELSEWHERE, ALEMBIC_MISSING, SEVERAL_HEADS, TABLES_EXIST
 from .database import Database, get_database
 from .exceptions import NoSessionError
 
 if TYPE_CHECKING:
-    from anyio.from_thread import BlockingPortal
-    from starlette.testclient import TestClient
+    import os
 
-__all__ = ["outer_transaction", "outer_transaction_in", "override_session"]
+    import httpx
+    from alembic.config import Config
+    from anyio.from_thread import BlockingPortal
+    from sqlalchemy import MetaData
+
+__all__ = [
+    "ALEMBIC_ELSEWHERE",
+    "ALEMBIC_MISSING",
+    "SEVERAL_HEADS",
+    "TABLES_EXIST",
+    "outer_transaction",
+    "outer_transaction_in",
+    "override_session",
+    "schema_from_alembic",
+    "schema_from_metadata",
+]
 
 NOT_CREATED_YET = (
     "asgi_db_session.testing: no Database named {name!r} exists, and none could be made from the environment "
@@ -84,6 +106,10 @@ NOT_STARTED = (
     "without `with`, every request runs on a new event loop and the test's connection cannot serve them."
 )
 NOT_A_DATABASE = "asgi_db_session.testing: the `database` fixture returned {value!r}; it must return a Database."
+TESTING_EXTRA_MISSING = (
+    "asgi_db_session.testing: the db_client fixture needs {module}, which is not installed. "
+    "Install the plugin's extra: pip install 'asgi-db-session[testing]'."
+)
 
 
 def _lookup(name: str) -> Database:
@@ -140,6 +166,10 @@ async def outer_transaction(database: Database | str = "default") -> AsyncIterat
     finally:
         try:
             await connection.rollback()
+            # Closed for good rather than given back: the app's lifespan shutdown may have disposed the engine
+            # meanwhile (the middleware does), and a connection given back to a pool that was disposed stays
+            # open until the garbage collector finds it (a ResourceWarning). The pool is disposed below anyway.
+            (await connection.get_raw_connection()).detach()
             await connection.close()
         finally:
             await database.dispose()
@@ -186,6 +216,33 @@ def override_session(session: AsyncSession, name: str = "default") -> Iterator[A
         var.reset(token)
 
 
+def schema_from_metadata(metadata: MetaData, database: Database | str = "default") -> AbstractContextManager[None]:
+    """Inside the block, ``metadata``'s tables exist in ``database`` (a Database, or the name of one).
+
+    For a session-scoped ``db_schema`` fixture: ``with schema_from_metadata(Base.metadata, db): yield``.
+    ``create_all()`` on entry, ``drop_all()`` at the end. Tables that exist already are an error
+    (``TABLES_EXIST``), not reused or dropped: the tests want a database of their own.
+    """
+    return _testing_schema.schema_from_metadata(metadata, _resolve(database))
+
+
+def schema_from_alembic(
+    config: str | os.PathLike[str] | Config, database: Database | str = "default", *, revision: str = "head"
+) -> AbstractContextManager[None]:
+    """Inside the block, ``database`` is migrated to ``revision`` by the Alembic setup of ``config``.
+
+    ``config`` is the path of an ``alembic.ini`` (or an ``alembic.config.Config``). The migrations run on a
+    connection of ``database`` that env.py finds in ``config.attributes["connection"]`` (examples/alembic's
+    env.py uses it). At the end the database is downgraded to the revision it had before, and the version
+    table is dropped if the block created it.
+    """
+    return _testing_schema.schema_from_alembic(config, _resolve(database), revision)
+
+
+def _resolve(database: Database | str) -> Database:
+    return _lookup(database) if isinstance(database, str) else database
+
+
 @pytest.fixture
 def database() -> Database:
     """The Database whose sessions ``db_session`` and ``db_client`` roll back: ``get_database("default")``.
@@ -201,28 +258,44 @@ def _as_database(value: object) -> Database:
     return value
 
 
+@pytest.fixture(scope="session")
+def db_schema() -> None:
+    """The tables for the whole test session; this default makes none (the database has them already).
+
+    Override it in your conftest.py, session-scoped, with ``schema_from_metadata()`` or
+    ``schema_from_alembic()``: ``db_session`` and ``db_client`` request it, so the tables exist before the
+    first test's transaction begins, and are removed when the session ends.
+    """
+
+
 @pytest.fixture
-async def db_session(database: object) -> AsyncIterator[AsyncSession]:
+async def db_session(database: object, db_schema: object) -> AsyncIterator[AsyncSession]:
     """The test inside one outer transaction, rolled back at its end; the app's sessions join it.
 
-    Yields a session on the outer connection (it sees what the app committed during the test). Async tests
-    only (``@pytest.mark.anyio``): the connection is opened on the test's event loop, where an
-    ``httpx.ASGITransport`` runs the app. For Starlette's TestClient use ``db_client``.
+    Yields a session on the outer connection (it sees what the app committed during the test), made with the
+    Database's session options (``autoflush=False``, ``expire_on_commit=False`` unless the Database says
+    otherwise). Async tests only (``@pytest.mark.anyio``): the connection is opened on the test's event loop,
+    where an ``httpx.ASGITransport`` (or ``db_client``) runs the app.
     """
     async with outer_transaction(_as_database(database)) as session:
         yield session
 
 
 @pytest.fixture
-def db_client(app: Any, request: pytest.FixtureRequest) -> Iterator[TestClient]:
-    """A started Starlette ``TestClient`` for your ``app`` fixture, inside one outer transaction.
+async def db_client(app: Any, db_session: AsyncSession) -> AsyncIterator[httpx.AsyncClient]:
+    """An ``httpx.AsyncClient`` for your ``app`` fixture, its lifespan run, inside ``db_session``'s transaction.
 
-    The transaction is opened on the client's event loop after its lifespan startup (so a Database that the
-    middleware creates at startup exists by then) and rolled back before its shutdown.
+    On the test's event loop: the app's lifespan startup runs (asgi-lifespan's ``LifespanManager``) after the
+    transaction began, and its shutdown before the rollback; requests go through ``httpx.ASGITransport``.
     """
-    from starlette.testclient import TestClient
+    try:
+        import httpx
+        from asgi_lifespan import LifespanManager
+    except ImportError as exc:
+        raise ImportError(TESTING_EXTRA_MISSING.format(module=exc.name)) from None
 
-    with TestClient(app) as client:
-        database = _as_database(request.getfixturevalue("database"))
-        with outer_transaction_in(client, database):
-            yield client
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://testserver") as client,
+    ):
+        yield client

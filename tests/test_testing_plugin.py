@@ -11,7 +11,12 @@ The outer tests are sync: the inner run starts event loops of its own (anyio's, 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import shutil
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
@@ -35,6 +40,7 @@ from asgi_db_session.exceptions import NO_DATABASE
 from asgi_db_session.testing import (
     NOT_A_DATABASE,
     NOT_STARTED,
+    TESTING_EXTRA_MISSING,
     outer_transaction,
     outer_transaction_in,
     override_session,
@@ -44,15 +50,18 @@ from .conftest import PG_URL
 
 pytest_plugins = ["pytester"]
 
-# Strict like this project's own run; Starlette's wish for httpx2 (for TestClient) is not the plugin's concern.
+# Strict like this project's own run.
 INNER_INI = """
 [pytest]
 filterwarnings =
     error
-    ignore:Using `httpx` with `starlette.testclient` is deprecated
 """
+# Starlette 1.x wants httpx2 for its TestClient; a user's own TestClient is not the plugin's concern.
+INNER_INI_TESTCLIENT = INNER_INI + "    ignore:Using `httpx` with `starlette.testclient` is deprecated\n"
 
 APP = """
+from contextlib import asynccontextmanager
+
 from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -78,7 +87,24 @@ async def names(request: Request) -> JSONResponse:
     return JSONResponse(list(rows.scalars()))
 
 
-app = Starlette(routes=[Route("/add/{{name}}", add, methods=["POST"]), Route("/names", names)])
+LIFESPAN: list[str] = []
+
+
+async def lifespan_events(request: Request) -> JSONResponse:
+    return JSONResponse({{"events": LIFESPAN, "state": request.state.started}})
+
+
+@asynccontextmanager
+async def lifespan(app):
+    LIFESPAN.append("startup")
+    yield {{"started": True}}
+    LIFESPAN.append("shutdown")
+
+
+app = Starlette(
+    routes=[Route("/add/{{name}}", add, methods=["POST"]), Route("/names", names), Route("/lifespan", lifespan_events)],
+    lifespan=lifespan,
+)
 app.add_middleware(DBSessionMiddleware, database=db)
 """
 
@@ -135,30 +161,37 @@ async def test_the_next_test_starts_empty(db_session):
     assert list((await db_session.execute(text(f"SELECT name FROM {TABLE}"))).scalars()) == []
 """
 
+DB_CLIENT_TESTS = """
+import pytest
+from sqlalchemy import text
+
+from myapp import LIFESPAN, TABLE
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_the_app_commits_and_the_test_sees_it(db_client, db_session):
+    assert (await db_client.post("/add/one")).status_code == 200
+    assert (await db_client.get("/names")).json() == ["one"]
+    assert list((await db_session.execute(text(f"SELECT name FROM {TABLE}"))).scalars()) == ["one"]
+
+
+async def test_the_lifespan_has_run(db_client):
+    # Started for this test (the shutdown of the one before it ran too), with its state given to requests.
+    assert (await db_client.get("/lifespan")).json() == {"events": ["startup", "shutdown", "startup"], "state": True}
+
+
+async def test_the_next_test_starts_empty(db_client):
+    assert (await db_client.get("/names")).json() == []
+    assert LIFESPAN == ["startup", "shutdown", "startup", "shutdown", "startup"]
+"""
+
 TESTCLIENT_TESTS = """
 from sqlalchemy import text
 from starlette.testclient import TestClient
 
-from asgi_db_session import session_scope
 from asgi_db_session.testing import outer_transaction_in
 from myapp import TABLE, app, db
-
-
-async def stored_names() -> list[str]:
-    # On the client's event loop (client.portal.call), in a session that joins the test's transaction.
-    async with session_scope() as session:
-        return list((await session.execute(text(f"SELECT name FROM {TABLE} ORDER BY name"))).scalars())
-
-
-def test_the_app_commits_and_the_test_sees_it(db_client):
-    assert db_client.post("/add/one").status_code == 200
-    assert db_client.get("/names").json() == ["one"]
-    assert db_client.portal.call(stored_names) == ["one"]
-
-
-def test_the_next_test_starts_empty(db_client):
-    assert db_client.get("/names").json() == []
-    assert db_client.portal.call(stored_names) == []
 
 
 def test_outer_transaction_in_a_client_of_ones_own():
@@ -171,8 +204,9 @@ def test_outer_transaction_in_a_client_of_ones_own():
         assert client.portal.call(seen) == ["three"]
 
 
-def test_and_after_that_one_too(db_client):
-    assert db_client.get("/names").json() == []
+def test_and_after_that_one_too():
+    with TestClient(app) as client, outer_transaction_in(client, db):
+        assert client.get("/names").json() == []
 """
 
 
@@ -243,12 +277,30 @@ def test_httpx_client_commits_are_seen_in_the_test_and_rolled_back_after_it(
     assert target.stored() == []
 
 
-def test_testclient_commits_are_seen_in_the_test_and_rolled_back_after_it(
-    pytester: pytest.Pytester, target: Target
-) -> None:
-    user_project(pytester, target, test_with_testclient=TESTCLIENT_TESTS)
+def test_db_client_runs_the_lifespan_and_its_commits_are_rolled_back(pytester: pytest.Pytester, target: Target) -> None:
+    user_project(pytester, target, test_with_db_client=DB_CLIENT_TESTS)
     result = pytester.runpytest("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=3)
+    assert target.stored() == []
+
+
+def test_db_client_without_asgi_lifespan_names_the_extra(
+    pytester: pytest.Pytester, target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "asgi_lifespan", None)  # what an import finds when it is not installed
+    user_project(pytester, target, test_with_db_client=DB_CLIENT_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=3)
+    # Not fnmatch_lines: the message's "[testing]" would be a character class there.
+    assert "ImportError: " + TESTING_EXTRA_MISSING.format(module="asgi_lifespan") in result.stdout.str()
+    assert target.stored() == []
+
+
+def test_a_testclient_of_ones_own_with_outer_transaction_in(pytester: pytest.Pytester, target: Target) -> None:
+    user_project(pytester, target, test_with_testclient=TESTCLIENT_TESTS)
+    pytester.makeini(INNER_INI_TESTCLIENT)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
     assert target.stored() == []
 
 
@@ -444,3 +496,79 @@ def test_override_session_in_a_fixture_reaches_the_test(pytester: pytest.Pyteste
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     assert target.stored() == []
+
+
+# The README's Testing example, run the way a user runs it.
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+README = REPO_ROOT / "README.md"
+
+
+def readme_testing_files() -> dict[str, str]:
+    """The README's Testing section's files: the code blocks whose first line names one (``# conftest.py``)."""
+    text = README.read_text()
+    section = text[text.index("## Testing: every test rolled back") : text.index("## Migrations with Alembic")]
+    files = {}
+    for block in re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL):
+        first = block.splitlines()[0]
+        if re.fullmatch(r"# \w+\.py", first):
+            files[first.removeprefix("# ")] = block
+    assert sorted(files) == ["conftest.py", "test_notes.py"]
+    return files
+
+
+def run_pg(dsn: str, sql: str) -> list[tuple[Any, ...]]:
+    async def run() -> list[tuple[Any, ...]]:
+        connection = await asyncpg.connect(dsn)
+        try:
+            return [tuple(row) for row in await connection.fetch(sql)]
+        finally:
+            await connection.close()
+
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def fresh_postgresql_database(postgresql_dsn: str) -> Iterator[str]:
+    """A database created for this test (its DSN), dropped after it."""
+    name = f"adbs_fresh_{uuid.uuid4().hex[:12]}"
+    run_pg(postgresql_dsn, f"CREATE DATABASE {name}")
+    yield postgresql_dsn.rsplit("/", 1)[0] + "/" + name
+    run_pg(postgresql_dsn, f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def user_tables(dsn: str) -> list[str]:
+    rows = run_pg(
+        dsn,
+        "SELECT table_schema || '.' || table_name FROM information_schema.tables "
+        "WHERE table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+    )
+    return [row[0] for row in rows]
+
+
+def test_the_readme_testing_example_passes_twice_on_a_fresh_database(
+    tmp_path: Path, fresh_postgresql_database: str
+) -> None:
+    """The README's conftest.py and test file, with the notes app of examples/notes as ``myapp``: two runs of
+    ``python -m pytest -W error`` in a project of their own both pass, and leave the database without tables."""
+    project = tmp_path / "project"
+    shutil.copytree(REPO_ROOT / "examples" / "notes", project / "myapp", ignore=shutil.ignore_patterns("__pycache__"))
+    for name, content in readme_testing_files().items():
+        (project / name).write_text(content)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DATABASE_")}
+    env["DATABASE_URL"] = fresh_postgresql_database  # postgresql://..., as the README writes it
+    assert user_tables(fresh_postgresql_database) == []
+    for attempt in ("first", "second"):
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-W", "error", "-p", "no:cacheprovider"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, f"{attempt} run:\n{result.stdout}\n{result.stderr}"
+        assert "2 passed" in result.stdout, result.stdout
+        assert "warning" not in result.stdout.lower(), result.stdout
+        assert user_tables(fresh_postgresql_database) == [], f"after the {attempt} run"

@@ -1,0 +1,143 @@
+"""The tables for a test session: made from the models' MetaData or by Alembic, and removed afterwards.
+
+Both helpers are synchronous context managers for a session-scoped fixture (``db_schema``). Their database
+work runs on an event loop of its own, in a worker thread, so that they work wherever the fixture is set up;
+the Database's pool is disposed after each step, since its connections belong to that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import MetaData, Table, inspect
+from sqlalchemy.engine import Connection
+
+from .database import Database
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+T = TypeVar("T")
+
+# Alembic's default; an env.py that names another (version_table=) is not supported here.
+VERSION_TABLE = "alembic_version"
+
+TABLES_EXIST = (
+    "asgi_db_session.testing: schema_from_metadata() creates the tables for the test session and drops them "
+    "after it, but the database at {url} already has {tables}. Tests should run on a database of their own: "
+    "point the tests' DATABASE_URL at an empty one, or drop these tables (a test run that was killed leaves "
+    "them behind)."
+)
+ALEMBIC_MISSING = (
+    "asgi_db_session.testing: schema_from_alembic() needs Alembic, which is not installed. "
+    "Install it (pip install alembic), or make the schema with schema_from_metadata()."
+)
+SEVERAL_HEADS = (
+    "asgi_db_session.testing: the test database already stands at several Alembic heads {heads}; "
+    "schema_from_alembic() would not know where to bring it back to. Run the tests on an empty database."
+)
+ALEMBIC_ELSEWHERE = (
+    "asgi_db_session.testing: `alembic upgrade {revision}` ran, but the database at {url} is at {found!r}, not "
+    "{expected!r}: the env.py of {config} did not migrate the connection it was given. Make it run the "
+    "migrations on config.attributes['connection'] when that is set, as examples/alembic/env.py does."
+)
+
+
+def _run(database: Database, work: Callable[[Connection], T]) -> T:
+    """``work`` on a sync face of one of the Database's connections, in one committed transaction."""
+
+    async def run() -> T:
+        try:
+            async with database.engine.begin() as connection:
+                return await connection.run_sync(work)
+        finally:
+            await database.dispose()
+
+    # A thread of its own: asyncio.run() cannot start inside a running event loop.
+    with ThreadPoolExecutor(1, thread_name_prefix="asgi-db-session-schema") as pool:
+        return pool.submit(asyncio.run, run()).result()
+
+
+@contextmanager
+def schema_from_metadata(metadata: MetaData, database: Database) -> Iterator[None]:
+    """Create ``metadata``'s tables in ``database`` for the block; drop them at its end.
+
+    Tables that already exist are an error (TABLES_EXIST) rather than reused or dropped: reused, they may be
+    of an older schema; dropped at the end, they would take rows that the tests did not write.
+    """
+
+    def create(connection: Connection) -> None:
+        existing = [table.fullname for table in metadata.sorted_tables if _has_table(connection, table)]
+        if existing:
+            url = database.engine.url.render_as_string(hide_password=True)
+            raise RuntimeError(TABLES_EXIST.format(url=url, tables=", ".join(existing)))
+        metadata.create_all(connection)
+
+    _run(database, create)
+    try:
+        yield
+    finally:
+        _run(database, metadata.drop_all)
+
+
+def _has_table(connection: Connection, table: Table) -> bool:
+    return inspect(connection).has_table(table.name, schema=table.schema)
+
+
+@contextmanager
+def schema_from_alembic(
+    config: str | os.PathLike[str] | Config, database: Database, revision: str = "head"
+) -> Iterator[None]:
+    """``alembic upgrade revision`` on ``database`` for the block; back to where the database was at its end.
+
+    The migrations run on a connection of ``database``, handed to env.py as ``config.attributes["connection"]``
+    (Alembic's documented way to share a connection). At the end the database is downgraded to the revision
+    it had before (``base`` when it had none), and a version table that the block created is dropped.
+    """
+    try:
+        from alembic import command
+        from alembic.config import Config
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+    except ImportError:
+        raise ImportError(ALEMBIC_MISSING) from None
+    if not isinstance(config, Config):
+        config = Config(os.fspath(config))
+    state: dict[str, Any] = {}
+
+    def upgrade(connection: Connection) -> None:
+        before = MigrationContext.configure(connection).get_current_heads()
+        if len(before) > 1:
+            raise RuntimeError(SEVERAL_HEADS.format(heads=before))
+        state["before"] = before[0] if before else "base"
+        state["had_version_table"] = inspect(connection).has_table(VERSION_TABLE)
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+        expected = ScriptDirectory.from_config(config).as_revision_number(revision)
+        wanted = expected if isinstance(expected, tuple) else (expected,) if expected else ()
+        found = MigrationContext.configure(connection).get_current_heads()
+        if set(found) != set(wanted):
+            url = database.engine.url.render_as_string(hide_password=True)
+            raise RuntimeError(
+                ALEMBIC_ELSEWHERE.format(
+                    revision=revision, url=url, found=found, expected=wanted, config=config.config_file_name
+                )
+            )
+
+    def downgrade(connection: Connection) -> None:
+        config.attributes["connection"] = connection
+        command.downgrade(config, state["before"])
+        if not state["had_version_table"]:
+            Table(VERSION_TABLE, MetaData()).drop(connection, checkfirst=True)
+
+    _run(database, upgrade)
+    try:
+        yield
+    finally:
+        _run(database, downgrade)
+        config.attributes.pop("connection", None)
