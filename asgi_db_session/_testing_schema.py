@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -42,10 +43,12 @@ SEVERAL_HEADS = (
     "schema_from_alembic() would not know where to bring it back to. Run the tests on an empty database."
 )
 ALEMBIC_ELSEWHERE = (
-    "asgi_db_session.testing: `alembic upgrade {revision}` ran, but the database at {url} is at {found!r}, not "
-    "{expected!r}: the env.py of {config} did not migrate the connection it was given. Make it run the "
-    "migrations on config.attributes['connection'] when that is set, as examples/alembic/env.py does."
+    "asgi_db_session.testing: the env.py of {config} did not run the migrations on the connection it was given "
+    "({detail}). Make it run them on config.attributes['connection'] when that is set, as "
+    "examples/alembic/env.py does."
 )
+AT_ANOTHER_REVISION = "after `alembic upgrade {revision}` the database at {url} is at {found!r}, not {expected!r}"
+OWN_EVENT_LOOP = "it started an event loop of its own: {error}"
 
 
 def _run(database: Database, work: Callable[[Connection], T]) -> T:
@@ -117,21 +120,18 @@ def schema_from_alembic(
         state["before"] = before[0] if before else "base"
         state["had_version_table"] = inspect(connection).has_table(VERSION_TABLE)
         config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+        _alembic_command(command.upgrade, config, revision)
         expected = ScriptDirectory.from_config(config).as_revision_number(revision)
         wanted = expected if isinstance(expected, tuple) else (expected,) if expected else ()
         found = MigrationContext.configure(connection).get_current_heads()
         if set(found) != set(wanted):
             url = database.engine.url.render_as_string(hide_password=True)
-            raise RuntimeError(
-                ALEMBIC_ELSEWHERE.format(
-                    revision=revision, url=url, found=found, expected=wanted, config=config.config_file_name
-                )
-            )
+            detail = AT_ANOTHER_REVISION.format(revision=revision, url=url, found=found, expected=wanted)
+            raise RuntimeError(ALEMBIC_ELSEWHERE.format(config=config.config_file_name, detail=detail))
 
     def downgrade(connection: Connection) -> None:
         config.attributes["connection"] = connection
-        command.downgrade(config, state["before"])
+        _alembic_command(command.downgrade, config, state["before"])
         if not state["had_version_table"]:
             Table(VERSION_TABLE, MetaData()).drop(connection, checkfirst=True)
 
@@ -141,3 +141,21 @@ def schema_from_alembic(
     finally:
         _run(database, downgrade)
         config.attributes.pop("connection", None)
+
+
+def _alembic_command(command: Callable[[Config, str], None], config: Config, revision: str) -> None:
+    # An env.py that ignores the connection and runs asyncio.run() (Alembic's async template does) fails here,
+    # inside the event loop that runs the connection; say what to change rather than show asyncio's words.
+    failure: str | None = None
+    with warnings.catch_warnings():
+        # Its coroutine, never awaited, is collected when the error below is dropped.
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+        try:
+            command(config, revision)
+        except RuntimeError as exc:
+            if "running event loop" not in str(exc):
+                raise
+            failure = str(exc)
+    if failure is not None:
+        detail = OWN_EVENT_LOOP.format(error=failure)
+        raise RuntimeError(ALEMBIC_ELSEWHERE.format(config=config.config_file_name, detail=detail))

@@ -7,6 +7,9 @@ hands it a regular ``Connection`` backed by the async one.
 
 ``-x schema=NAME`` (PostgreSQL) runs the migrations, and keeps the version table, in that schema: one database
 can then hold a set of tables per tenant, or per test run on a shared server. The schema must exist.
+
+A program that runs Alembic itself (``asgi_db_session.testing.schema_from_alembic``, a test fixture) may hand
+it a connection in ``config.attributes["connection"]``: the migrations then run on that one.
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from asgi_db_session import DatabaseSettings
 
-config = context.config
-if config.config_file_name is not None:
-    fileConfig(config.config_file_name)
+# Your models, for `alembic revision --autogenerate`: change this import to your own models package.
+from examples.notes.models import Base  # the demo's (examples/notes)
 
-# Your models' metadata, for `alembic revision --autogenerate` (e.g. `from myapp.models import Base` and
-# `Base.metadata`). The example's migrations are written by hand, so an empty MetaData is enough here.
-target_metadata = MetaData()
+config = context.config
+given_connection: Connection | None = config.attributes.get("connection")
+if given_connection is None and config.config_file_name is not None:
+    # Not when a program runs Alembic: its own logging stays as it is.
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+target_metadata: MetaData = Base.metadata
 
 
 def schema() -> str | None:
@@ -80,5 +86,7 @@ def run_offline() -> None:
 
 if context.is_offline_mode():
     run_offline()
+elif given_connection is not None:
+    run_migrations(given_connection)
 else:
     asyncio.run(run_online())
