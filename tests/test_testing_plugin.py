@@ -32,7 +32,7 @@ import pytest
 # are part of what pytester keeps.
 import sqlalchemy.dialects.postgresql.asyncpg
 import sqlalchemy.dialects.sqlite.aiosqlite  # noqa: F401
-from sqlalchemy import text
+from sqlalchemy import Column, Integer, MetaData, Table, text
 
 from asgi_db_session import Database, NoSessionError, current_session, session_scope
 from asgi_db_session import database as database_module
@@ -40,10 +40,12 @@ from asgi_db_session.exceptions import NO_DATABASE
 from asgi_db_session.testing import (
     NOT_A_DATABASE,
     NOT_STARTED,
+    TABLES_EXIST,
     TESTING_EXTRA_MISSING,
     outer_transaction,
     outer_transaction_in,
     override_session,
+    schema_from_metadata,
 )
 
 from .conftest import PG_URL
@@ -225,6 +227,14 @@ class Target:
             with closing(sqlite3.connect(self.dsn)) as connection:
                 return [row[0] for row in connection.execute(sql)]
         return [row[0] for row in self._pg(lambda connection: connection.fetch(sql))]
+
+    def has_table(self) -> bool:
+        if self.name == "sqlite":
+            sql = "SELECT name FROM sqlite_master WHERE name = ?"
+            with closing(sqlite3.connect(self.dsn)) as connection:
+                return connection.execute(sql, (self.table,)).fetchone() is not None
+        rows = self._pg(lambda connection: connection.fetch("SELECT to_regclass($1)", self.table))
+        return bool(rows[0][0])
 
     def execute(self, sql: str) -> None:
         if self.name == "sqlite":
@@ -572,3 +582,48 @@ def test_the_readme_testing_example_passes_twice_on_a_fresh_database(
         assert "2 passed" in result.stdout, result.stdout
         assert "warning" not in result.stdout.lower(), result.stdout
         assert user_tables(fresh_postgresql_database) == [], f"after the {attempt} run"
+
+
+# db_schema with schema_from_metadata, in a user's project.
+
+SCHEMA_CONFTEST = """
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table
+
+from asgi_db_session.testing import schema_from_metadata
+from myapp import TABLE, db
+
+metadata = MetaData()
+Table(TABLE, metadata, Column("id", Integer, primary_key=True), Column("name", String(50), nullable=False))
+
+
+@pytest.fixture(scope="session")
+def db_schema() -> Iterator[None]:
+    with schema_from_metadata(metadata, db):
+        yield
+"""
+
+
+def test_db_schema_from_metadata_makes_the_tables_for_the_session_and_drops_them_after(
+    pytester: pytest.Pytester, target: Target
+) -> None:
+    target.execute(f"DROP TABLE {target.table}")  # the project's metadata makes it
+    user_project(pytester, target, test_with_db_client=DB_CLIENT_TESTS, test_with_httpx=HTTPX_TESTS)
+    pytester.makeconftest(CONFTEST + SCHEMA_CONFTEST)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=5)
+    assert not target.has_table()
+
+
+def test_schema_from_metadata_with_the_tables_there_already_leaves_them_alone(target: Target) -> None:
+    target.execute(f"INSERT INTO {target.table} (name) VALUES ('not the tests')")
+    metadata = MetaData()
+    Table(target.table, metadata, Column("id", Integer, primary_key=True))
+    database = Database(target.url, name="adbs-schema-exists")
+    with pytest.raises(RuntimeError) as caught, schema_from_metadata(metadata, database):
+        pass  # pragma: no cover - not entered
+    url = database.engine.url.render_as_string(hide_password=True)
+    assert str(caught.value) == TABLES_EXIST.format(url=url, tables=target.table)
+    assert target.stored() == ["not the tests"]
