@@ -556,15 +556,34 @@ def user_tables(dsn: str) -> list[str]:
     return [row[0] for row in rows]
 
 
-def test_the_readme_testing_example_passes_twice_on_a_fresh_database(
-    tmp_path: Path, fresh_postgresql_database: str
-) -> None:
-    """The README's conftest.py and test file, with the notes app of examples/notes as ``myapp``: two runs of
-    ``python -m pytest -W error`` in a project of their own both pass, and leave the database without tables."""
-    project = tmp_path / "project"
+def readme_project(root: Path) -> Path:
+    """The README's conftest.py and test file, with the notes app of examples/notes as ``myapp``."""
+    project = root / "project"
     shutil.copytree(REPO_ROOT / "examples" / "notes", project / "myapp", ignore=shutil.ignore_patterns("__pycache__"))
     for name, content in readme_testing_files().items():
         (project / name).write_text(content)
+    return project
+
+
+def test_the_readme_testing_example_type_checks(tmp_path: Path) -> None:
+    project = readme_project(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), "."],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_readme_testing_example_passes_twice_on_a_fresh_database(
+    tmp_path: Path, fresh_postgresql_database: str
+) -> None:
+    """Two runs of ``python -m pytest -W error`` in the README example's project both pass, and leave the
+    database without tables."""
+    project = readme_project(tmp_path)
     env = {key: value for key, value in os.environ.items() if not key.startswith("DATABASE_")}
     env["DATABASE_URL"] = fresh_postgresql_database  # postgresql://..., as the README writes it
     assert user_tables(fresh_postgresql_database) == []
