@@ -38,6 +38,7 @@ from asgi_db_session import Database, NoSessionError, current_session, session_s
 from asgi_db_session import database as database_module
 from asgi_db_session.exceptions import NO_DATABASE
 from asgi_db_session.testing import (
+    ALEMBIC_MISSING,
     NOT_A_DATABASE,
     NOT_STARTED,
     TABLES_EXIST,
@@ -45,6 +46,7 @@ from asgi_db_session.testing import (
     outer_transaction,
     outer_transaction_in,
     override_session,
+    schema_from_alembic,
     schema_from_metadata,
 )
 
@@ -646,3 +648,13 @@ def test_schema_from_metadata_with_the_tables_there_already_leaves_them_alone(ta
     url = database.engine.url.render_as_string(hide_password=True)
     assert str(caught.value) == TABLES_EXIST.format(url=url, tables=target.table)
     assert target.stored() == ["not the tests"]
+
+
+def test_schema_from_alembic_without_alembic_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "alembic", None)  # what an import finds when it is not installed
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'none.db'}", name="adbs-no-alembic")
+    with pytest.raises(ImportError) as caught, schema_from_alembic(tmp_path / "alembic.ini", database):
+        pass  # pragma: no cover - not entered
+    assert str(caught.value) == ALEMBIC_MISSING
