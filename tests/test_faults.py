@@ -55,6 +55,7 @@ ITEMS = f"adbs_faults_items_{SUFFIX}"
 DEFERRED = f"adbs_faults_deferred_{SUFFIX}"
 DOCTORS = f"adbs_faults_doctors_{SUFFIX}"
 WRITES = f"adbs_faults_writes_{SUFFIX}"
+BOOKINGS = f"adbs_faults_bookings_{SUFFIX}"
 TABLES = {
     ITEMS: f"CREATE TABLE {ITEMS} (id INTEGER PRIMARY KEY, name VARCHAR(100) NOT NULL UNIQUE)",
     # Checked at COMMIT, not at the INSERT: the endpoint's statement succeeds, the middleware's commit fails.
@@ -64,6 +65,9 @@ TABLES = {
     ),
     DOCTORS: f"CREATE TABLE {DOCTORS} (id INTEGER PRIMARY KEY, on_call BOOLEAN NOT NULL)",
     WRITES: f"CREATE TABLE {WRITES} (id INTEGER PRIMARY KEY)",
+    # Two bookings of one room may not overlap: a violation is SQLSTATE 23P01, not the unique violation's 23505.
+    BOOKINGS: f"CREATE TABLE {BOOKINGS} (id INTEGER PRIMARY KEY, during INT4RANGE NOT NULL, "
+    f"EXCLUDE USING gist (during WITH &&))",
 }
 
 CLIENTS = 20  # concurrent clients in the load tests
@@ -441,6 +445,38 @@ async def test_requests_while_the_cluster_restarts_get_503_not_500(
     during = [outcome for outcome in load.outcomes.values() if down <= outcome.started < back]
     assert during, "no request ran while the cluster restarted"
     assert set(load.statuses(during)) <= {201, 503}, (load.statuses(during), load.errors)
+    await load.assert_no_2xx_lost(cluster_writes.dsn)
+    assert checked_out(database) == 0
+
+
+async def test_a_server_refusing_new_sessions_57p03_is_503(
+    cluster_writes: Cluster, make_database: MakeDatabase
+) -> None:
+    """SQLSTATE 57P03 at connect time, made for certain: a smart shutdown waits for the open sessions to end and
+    refuses every new one meanwhile ("the database system is shutting down")."""
+    database = make_database(cluster_writes.url)
+    load = Load(database)
+    holder = await asyncpg.connect(cluster_writes.dsn, timeout=10)  # keeps the smart shutdown waiting
+    stopping = await asyncio.create_subprocess_exec(
+        *cluster_writes.ctl("stop", "-m", "smart"), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    try:
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    probe = await asyncpg.connect(cluster_writes.dsn, timeout=5)
+                except asyncpg.CannotConnectNowError:
+                    break
+                await probe.close()
+                await asyncio.sleep(0.02)
+        async with load.client() as http:
+            outcome = await load.send(http, 0)
+    finally:
+        await holder.close()
+        await asyncio.wait_for(stopping.wait(), timeout=60)
+        await cluster_writes.run("start")
+
+    assert (outcome.status, outcome.retry_after) == (503, "1"), load.errors
     assert checked_out(database) == 0
 
 
@@ -689,4 +725,62 @@ async def test_query_on_a_killed_connection_in_the_endpoint_is_503(
         assert checked_out(database) == 0
         assert (await http.get("/write")).status_code == 201
     assert await names(pg_tables, ITEMS) == ["next"]
+    assert checked_out(database) == 0
+
+
+async def test_a_real_deadlock_between_two_requests_is_503_for_the_loser(
+    pg_tables: str, make_database: MakeDatabase
+) -> None:
+    """Two requests lock two rows in opposite orders; PostgreSQL aborts one (40P01), the other commits."""
+    async with pg_connection(pg_tables) as connection:
+        await connection.execute(f"INSERT INTO {ITEMS} (id, name) VALUES (1, 'a'), (2, 'b')")
+    database = make_database(PG_URL)
+    both_hold_one_lock = asyncio.Barrier(2)
+    reached_second_lock: list[str] = []
+
+    async def lock(request: Request) -> Response:
+        first, second, who = (request.query_params[key] for key in ("first", "second", "who"))
+        session = current_session()
+        rename = text(f"UPDATE {ITEMS} SET name = name || :suffix WHERE id = :id")
+        await session.execute(rename, {"suffix": f"-{who}", "id": int(first)})
+        with anyio.fail_after(5):
+            await both_hold_one_lock.wait()
+        reached_second_lock.append(who)
+        await session.execute(rename, {"suffix": f"-{who}", "id": int(second)})  # one of the two: 40P01
+        return app_response()
+
+    app = Starlette(routes=[Route("/lock", lock)])
+    app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=True)
+    async with client(app, raise_app_exceptions=False) as http:
+        x, y = await asyncio.gather(
+            http.get("/lock", params={"first": 1, "second": 2, "who": "x"}),
+            http.get("/lock", params={"first": 2, "second": 1, "who": "y"}),
+        )
+
+    assert sorted(reached_second_lock) == ["x", "y"], "the requests did not both hold a lock: no deadlock"
+    assert sorted([x.status_code, y.status_code]) == [201, 503]
+    winner, loser = ("x", y) if x.status_code == 201 else ("y", x)
+    assert_replaced(loser, 503)
+    # The winner renamed both rows; nothing of the loser's first rename is left.
+    assert await names(pg_tables, ITEMS) == [f"a-{winner}", f"b-{winner}"]
+    assert checked_out(database) == 0
+
+
+async def test_an_exclusion_constraint_violation_is_409(pg_tables: str, make_database: MakeDatabase) -> None:
+    async with pg_connection(pg_tables) as connection:
+        await connection.execute(f"INSERT INTO {BOOKINGS} (id, during) VALUES (1, '[1,5)')")
+    database = make_database(PG_URL)
+
+    async def book(request: Request) -> Response:
+        await current_session().execute(text(f"INSERT INTO {BOOKINGS} (id, during) VALUES (2, '[3,8)')"))
+        return app_response()
+
+    app = Starlette(routes=[Route("/book", book)])
+    app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=True)
+    async with client(app) as http:
+        response = await http.get("/book")
+
+    assert_replaced(response, 409)
+    async with pg_connection(pg_tables) as connection:
+        assert [row[0] for row in await connection.fetch(f"SELECT id FROM {BOOKINGS} ORDER BY id")] == [1]
     assert checked_out(database) == 0

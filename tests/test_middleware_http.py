@@ -72,6 +72,16 @@ async def test_commit_on_success_rolls_back_a_4xx(backend: Backend, database: Da
     assert await backend.names() == []
 
 
+@pytest.mark.parametrize(("status", "kept"), [(399, ["a"]), (400, [])], ids=["399-commits", "400-rolls-back"])
+async def test_commit_on_success_rolls_back_from_status_400_exactly(
+    backend: Backend, database: Database, status: int, kept: list[str]
+) -> None:
+    """The line is at 400 itself: "below 400 commits" and "400 or above rolls back", on both sides of it."""
+    async with client(make_app(database, commit_on_success=True)) as http:
+        assert (await http.get("/add", params={"id": 1, "name": "a", "status": status})).status_code == status
+    assert await backend.names() == kept
+
+
 async def test_sessions_differ_between_requests_and_are_shared_within_one(database: Database) -> None:
     seen: list[int] = []
 

@@ -206,3 +206,22 @@ def test_a_bad_url_argument_is_named_as_the_argument() -> None:
 def test_no_url_is_a_clear_error_when_an_engine_is_needed() -> None:
     with pytest.raises(ValueError, match="set the DATABASE_URL environment variable"):
         DatabaseSettings().engine_url()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (f"postgresql://app:{PASSWORD}@db.internal/shop", "postgresql://app:***@db.internal/shop"),
+        ("postgresql://app:Zx9-q7Wv%40Pw@db.internal/shop", "postgresql://app:***@db.internal/shop"),
+        (f"app:{PASSWORD}@db.internal/shop", "app:***@db.internal/shop"),
+        (
+            f"postgresql://db.internal/shop?user=app&password={PASSWORD}&sslmode=require",
+            "postgresql://db.internal/shop?user=app&password=***&sslmode=require",
+        ),
+        ("postgresql://app@db.internal/shop", "postgresql://app@db.internal/shop"),
+    ],
+)
+def test_the_redacted_url_is_exactly_the_url_less_its_password(url: str, shown: str) -> None:
+    # Exact text, not only "no 4-character piece of the password": a split at the first "@" of a password that
+    # holds one leaves its tail ("@Pw") in the host part, and no 4-character piece of it.
+    assert redact_url(url) == shown
