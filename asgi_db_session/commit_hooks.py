@@ -143,7 +143,7 @@ async def _run_hook(hook: _Hook) -> None:
             result = hook.callback()
             if inspect.isawaitable(result):
                 await result
-        except Exception:
+        except BaseException:  # a cancelled callback's half-done work is not saved either
             failed = True
             raise
         finally:

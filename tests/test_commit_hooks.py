@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -172,4 +173,26 @@ async def test_a_rollback_drops_the_callbacks_registered_before_it(backend: Back
         session.add(Item(id=2, name="saved"))
         on_commit(lambda: journal.remember("for saved data"))
     assert journal.entries == ["for saved data"]
+    assert await backend.names() == ["saved"]
+
+
+async def test_a_cancelled_callback_saves_none_of_its_work(backend: Backend, database: Database) -> None:
+    started = asyncio.Event()
+
+    async def slow() -> None:
+        current_session().add(Item(id=2, name="half-done"))
+        await current_session().flush()
+        started.set()
+        await asyncio.sleep(30)
+
+    async def block() -> None:
+        async with session_scope(commit=True) as session:
+            session.add(Item(id=1, name="saved"))
+            on_commit(slow)
+
+    task = asyncio.create_task(block())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
     assert await backend.names() == ["saved"]
