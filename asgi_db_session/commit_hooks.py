@@ -86,7 +86,9 @@ def on_commit(callback: CommitCallback, name: str = "default") -> None:
 @event.listens_for(HookSession, "after_commit")
 def _commit_made_hooks_due(session: HookSession) -> None:
     waiting = session._hooks_waiting
-    if waiting:
+    # SQLAlchemy sends after_commit for a savepoint's release too (it is then still the session's current
+    # transaction): nothing is saved until the outermost transaction commits.
+    if waiting and not session.in_nested_transaction():
         session._hooks_waiting = None
         session._hooks_due = [*(session._hooks_due or ()), *waiting]
 

@@ -14,7 +14,16 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from asgi_db_session import Database, DBSessionMiddleware, NoSessionError, current_session, on_commit, session_scope
+from asgi_db_session import (
+    ConcurrentSessionUseError,
+    Database,
+    DBSessionMiddleware,
+    NoSessionError,
+    current_session,
+    on_commit,
+    session_scope,
+)
+from asgi_db_session.exceptions import CONCURRENT_USE
 
 from .conftest import Backend, client
 from .models import Item
@@ -196,3 +205,93 @@ async def test_a_cancelled_callback_saves_none_of_its_work(backend: Backend, dat
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await backend.names() == ["saved"]
+
+
+@pytest.mark.parametrize("commit", [False, True])
+async def test_a_begin_block_runs_the_callbacks_when_it_commits(
+    backend: Backend, database: Database, commit: bool
+) -> None:
+    journal = Journal(backend)
+    async with session_scope(commit=commit) as session:
+        async with session.begin():
+            session.add(Item(id=1, name="saved"))
+            on_commit(journal.seeing("first"))
+        journal.remember("after the block")
+    assert journal.entries == ["first:saved|saved", "after the block"]
+
+
+async def test_a_begin_block_in_a_request_runs_the_callbacks_when_it_commits(
+    backend: Backend, database: Database
+) -> None:
+    journal = Journal(backend)
+
+    async def add(request: Request) -> Response:
+        session = current_session()
+        async with session.begin():
+            session.add(Item(id=1, name="saved"))
+            on_commit(journal.seeing("first"))
+        journal.remember("after the block")
+        return PlainTextResponse("ok", status_code=201)
+
+    app = Starlette(routes=[Route("/add", add, methods=["POST"])])
+    app.add_middleware(DBSessionMiddleware, database=database)
+    async with client(app) as http:
+        assert (await http.post("/add")).status_code == 201
+    assert journal.entries == ["first:saved|saved", "after the block"]
+    assert await backend.names() == ["saved"]
+
+
+async def test_a_begun_transactions_own_commit_runs_the_callbacks(backend: Backend, database: Database) -> None:
+    journal = Journal(backend)
+    async with session_scope() as session:
+        transaction = await session.begin()
+        session.add(Item(id=1, name="saved"))
+        on_commit(journal.seeing("first"))
+        await transaction.commit()
+        journal.remember("after the commit")
+    assert journal.entries == ["first:saved|saved", "after the commit"]
+
+
+async def test_callbacks_wait_for_the_outermost_commit_not_a_savepoint_release(
+    backend: Backend, database: Database
+) -> None:
+    journal = Journal(backend)
+    async with session_scope() as session:
+        async with session.begin():
+            session.add(Item(id=1, name="kept"))
+            on_commit(lambda: journal.remember("outer"))
+            async with session.begin_nested():
+                on_commit(lambda: journal.remember("inside the savepoint"))
+            journal.remember("savepoint released")
+        journal.remember("committed")
+    assert journal.entries == ["savepoint released", "outer", "inside the savepoint", "committed"]
+
+
+async def test_a_released_savepoint_does_not_save_callbacks_from_a_later_rollback(
+    backend: Backend, database: Database
+) -> None:
+    journal = Journal(backend)
+    async with session_scope(commit=True) as session:
+        session.add(Item(id=1, name="rolled back"))
+        on_commit(lambda: journal.remember("for rolled-back data"))
+        async with session.begin_nested():
+            pass
+        await session.rollback()
+        session.add(Item(id=2, name="saved"))
+        on_commit(lambda: journal.remember("for saved data"))
+    assert journal.entries == ["for saved data"]
+    assert await backend.names() == ["saved"]
+
+
+async def test_a_begin_block_in_a_second_task_names_the_fix(backend: Backend, database: Database) -> None:
+    async def write(number: int) -> None:
+        session = current_session()
+        async with session.begin():
+            session.add(Item(id=number, name=f"from task {number}"))
+
+    async with session_scope():
+        results = await asyncio.gather(write(1), write(2), return_exceptions=True)
+    assert results[0] is None
+    assert isinstance(results[1], ConcurrentSessionUseError)
+    assert str(results[1]) == CONCURRENT_USE.format(method="begin")
+    assert await backend.names() == ["from task 1"]
