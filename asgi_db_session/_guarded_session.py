@@ -54,7 +54,15 @@ _GUARDED_METHODS = (
 
 
 class GuardedSession(AsyncSession):
-    """The session class the middleware's sessions use unless ``session_options`` names another."""
+    """The AsyncSession class of every session the package makes, unless ``session_options`` names another.
+
+    On top of AsyncSession it refuses an operation from a second task while another task's runs (with
+    ConcurrentSessionUseError, instead of SQLAlchemy's errors or a stuck connection), lets ``close()`` wait for
+    that operation, and runs the ``on_commit()`` callbacks after a commit: ``commit()``, the end of
+    ``async with session.begin():``, or the package's own commit. A session class of your own
+    (``session_options={"class_": MySession}``) must derive from it for ``on_commit()``, the guard and
+    read-your-writes with replicas to keep working.
+    """
 
     sync_session_class = HookSession
 

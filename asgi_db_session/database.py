@@ -14,12 +14,14 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
 
 from ._guarded_session import GuardedSession
 from ._orphans import OrphanReaper, server_ends_orphans
 from ._urls import redact_url
 from ._write_tracking import WriteTrackingSession
-from .exceptions import NO_DATABASE, DatabaseUnavailableError, NoSessionError
+from .commit_hooks import HookSession
+from .exceptions import HOOKS_WOULD_NEVER_RUN, NO_DATABASE, DatabaseUnavailableError, NoSessionError
 from .query_insight import count_queries_on
 from .settings import DatabaseSettings, settings_from_environment
 
@@ -50,6 +52,21 @@ def _forget_inherited_connections() -> None:
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
     os.register_at_fork(after_in_child=_forget_inherited_connections)
+
+
+def _refuse_lost_hooks(session_options: Mapping[str, Any]) -> None:
+    """A sync session class that holds on_commit() callbacks under a class_ that never runs them: refused."""
+    session_class = session_options.get("class_", AsyncSession)
+    sync_class = session_options.get("sync_session_class") or getattr(session_class, "sync_session_class", Session)
+    if (
+        isinstance(session_class, type)
+        and isinstance(sync_class, type)
+        and issubclass(sync_class, HookSession)
+        and not issubclass(session_class, GuardedSession)
+    ):
+        raise TypeError(
+            HOOKS_WOULD_NEVER_RUN.format(session_class=session_class.__name__, sync_class=sync_class.__name__)
+        )
 
 
 def get_database(name: str = "default") -> Database:
@@ -108,6 +125,7 @@ class Database:
             check_on_startup = settings is not None and settings.check_on_startup
         self.check_on_startup = check_on_startup
         self.session_options: Mapping[str, Any] = {**SESSION_DEFAULTS, **(session_options or {})}
+        _refuse_lost_hooks(self.session_options)
         self._engine_options = dict(engine_options or {})
         self._reapers: list[OrphanReaper] = []
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None

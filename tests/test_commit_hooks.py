@@ -8,12 +8,14 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+import asgi_db_session
 from asgi_db_session import (
     ConcurrentSessionUseError,
     Database,
@@ -23,6 +25,7 @@ from asgi_db_session import (
     on_commit,
     session_scope,
 )
+from asgi_db_session.commit_hooks import HookSession
 from asgi_db_session.exceptions import CONCURRENT_USE
 
 from .conftest import Backend, client
@@ -152,10 +155,61 @@ async def test_on_commit_with_a_foreign_sync_session_class_says_what_to_keep(sql
     database = Database(sqlite_url, name="foreign", session_options={"sync_session_class": Session})
     try:
         async with session_scope("foreign"):
-            with pytest.raises(TypeError, match="derive it from HookSession"):
+            with pytest.raises(TypeError, match="keep the default sync_session_class") as caught:
                 on_commit(lambda: None, "foreign")
     finally:
         await database.dispose()
+    # What the message tells the user to derive from is public.
+    assert "asgi_db_session.GuardedSession" in str(caught.value)
+    assert "HookSession" not in str(caught.value)
+
+
+async def test_on_commit_with_a_session_class_not_derived_from_guarded_session_names_it(sqlite_url: str) -> None:
+    class PlainSession(AsyncSession):
+        pass
+
+    database = Database(sqlite_url, name="plain", session_options={"class_": PlainSession})
+    try:
+        async with session_scope("plain"):
+            with pytest.raises(TypeError, match=r"derive it from asgi_db_session\.GuardedSession"):
+                on_commit(lambda: None, "plain")
+    finally:
+        await database.dispose()
+
+
+async def test_a_session_class_derived_from_guarded_session_runs_the_callbacks(backend: Backend) -> None:
+    class MySession(asgi_db_session.GuardedSession):  # what the TypeError above advises
+        pass
+
+    journal = Journal(backend)
+    database = Database(backend.url, session_options={"class_": MySession})
+    try:
+        async with session_scope() as session:
+            assert type(session) is MySession
+            session.add(Item(id=1, name="saved"))
+            on_commit(journal.seeing("first"))
+            await session.commit()
+            journal.remember("after commit")
+    finally:
+        await database.dispose()
+    assert journal.entries == ["first:saved|saved", "after commit"]
+
+
+def test_hooks_on_a_session_class_that_would_never_run_them_are_refused_at_construction(sqlite_url: str) -> None:
+    """The sync class moves hooks along, but only the package's AsyncSession class runs them after a commit."""
+
+    class MySyncSession(HookSession):
+        pass
+
+    class MySession(AsyncSession):
+        sync_session_class = MySyncSession
+
+    for options in (
+        {"class_": MySession},
+        {"class_": AsyncSession, "sync_session_class": MySyncSession},
+    ):
+        with pytest.raises(TypeError, match=r"derive it from asgi_db_session\.GuardedSession"):
+            Database(sqlite_url, name="refused", session_options=options)
 
 
 async def test_callbacks_of_a_scope_that_rolls_back_never_run(backend: Backend, database: Database) -> None:
