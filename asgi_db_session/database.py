@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import os
@@ -67,6 +66,56 @@ def _refuse_lost_hooks(session_options: Mapping[str, Any]) -> None:
         raise TypeError(
             HOOKS_WOULD_NEVER_RUN.format(session_class=session_class.__name__, sync_class=sync_class.__name__)
         )
+
+
+class _ConnectWrapper:
+    """An engine's connect: a refused or reset connect, or a refused login, becomes DatabaseUnavailableError.
+
+    The driver raises the first two as plain OSErrors that SQLAlchemy passes on unwrapped, which would make them
+    indistinguishable from any other network error in the app, and a 500 instead of a 503. A login the server
+    refuses (a wrong password, no pg_hba.conf line for the user: SQLSTATE class 28) would otherwise be a 500
+    with asyncpg's error; the server's text names the user, never the password.
+
+    One per engine, however many Databases are built on it (a session-scoped engine and an app per test). The
+    error names the newest of them that still exists, as get_database() finds the newest Database of a name; it
+    holds them weakly, so that an engine outliving its Databases keeps none of them alive.
+    """
+
+    __slots__ = ("_connect", "_databases", "_name", "_redacted_url")
+
+    def __init__(self, connect: Callable[..., Any], redacted_url: str) -> None:
+        self._connect = connect
+        self._redacted_url = redacted_url
+        self._databases: list[weakref.ref[Database]] = []
+        self._name = ""
+
+    def add(self, database: Database) -> None:
+        self._databases = [*(ref for ref in self._databases if ref() is not None), weakref.ref(database)]
+        self._name = database.name  # the name to give once every Database on the engine is gone
+
+    def _database_name(self) -> str:
+        for ref in reversed(self._databases):
+            database = ref()
+            if database is not None:
+                return database.name
+        return self._name
+
+    def __call__(self, *cargs: Any, **cparams: Any) -> Any:
+        try:
+            return self._connect(*cargs, **cparams)
+        except OSError as exc:
+            raise DatabaseUnavailableError(
+                f"Cannot reach database {self._database_name()!r} at {self._redacted_url}: {type(exc).__name__}: {exc}"
+            ) from exc
+        except Exception as exc:
+            # SQLAlchemy 2.1 wraps asyncpg's error in one of its adapter (asyncpg's as __cause__); 2.0 does not.
+            refused = exc if isinstance(exc, asyncpg.PostgresError) else exc.__cause__
+            if not isinstance(refused, asyncpg.InvalidAuthorizationSpecificationError):
+                raise
+            raise DatabaseUnavailableError(
+                f"Cannot reach database {self._database_name()!r} at {self._redacted_url}: the server refused the "
+                f"login: {type(refused).__name__}: {refused}"
+            ) from exc
 
 
 def get_database(name: str = "default") -> Database:
@@ -190,10 +239,13 @@ class Database:
         # The dialect's own connect, wrapped on this engine's dialect rather than through a "do_connect" listener:
         # any dialect listener makes SQLAlchemy dispatch dialect events at every statement (do_execute,
         # do_setinputsizes), ~6k instructions per statement here (benchmarks/instructions.py, /ten). Wrapped
-        # once: a second Database on the same engine leaves the first one's wrapper. (setattr: mypy refuses an
-        # assignment to a method.)
-        if "connect" not in vars(dialect):
-            setattr(dialect, "connect", functools.partial(self._connect, dialect.connect))  # noqa: B010
+        # once: a second Database on the same engine joins the wrapper. (setattr: mypy refuses an assignment to
+        # a method.)
+        wrapper = vars(dialect).get("connect")
+        if not isinstance(wrapper, _ConnectWrapper):
+            wrapper = _ConnectWrapper(dialect.connect, redact_url(engine.url.render_as_string(hide_password=True)))
+            setattr(dialect, "connect", wrapper)  # noqa: B010
+        wrapper.add(self)
         if self._counting_queries:
             count_queries_on(sync_engine, self.name)
         if engine.dialect.driver != "asyncpg":
@@ -205,30 +257,6 @@ class Database:
         elif not server_ends_orphans(settings.client_connection_check_interval):
             connect_args = settings.engine_options().get("connect_args", {})
             self._reapers.append(OrphanReaper(engine, settings.engine_url(), connect_args))
-
-    def _connect(self, connect: Callable[..., Any], *cargs: Any, **cparams: Any) -> Any:
-        """Open a DBAPI connection; a refused or reset connect, or a refused login, becomes DatabaseUnavailableError.
-
-        The driver raises the first two as plain OSErrors that SQLAlchemy passes on unwrapped, which would make
-        them indistinguishable from any other network error in the app, and a 500 instead of a 503. A login the
-        server refuses (a wrong password, no pg_hba.conf line for the user: SQLSTATE class 28) would otherwise be
-        a 500 with asyncpg's error; the server's text names the user, never the password.
-        """
-        try:
-            return connect(*cargs, **cparams)
-        except OSError as exc:
-            raise DatabaseUnavailableError(
-                f"Cannot reach database {self.name!r} at {self.redacted_url}: {type(exc).__name__}: {exc}"
-            ) from exc
-        except Exception as exc:
-            # SQLAlchemy 2.1 wraps asyncpg's error in one of its adapter (asyncpg's as __cause__); 2.0 does not.
-            refused = exc if isinstance(exc, asyncpg.PostgresError) else exc.__cause__
-            if not isinstance(refused, asyncpg.InvalidAuthorizationSpecificationError):
-                raise
-            raise DatabaseUnavailableError(
-                f"Cannot reach database {self.name!r} at {self.redacted_url}: the server refused the login: "
-                f"{type(refused).__name__}: {refused}"
-            ) from exc
 
     @property
     def sessionmaker(self) -> async_sessionmaker[AsyncSession]:
@@ -327,7 +355,7 @@ class Database:
         try:
             async with asyncio.timeout(timeout), self.engine.connect() as connection:
                 await connection.exec_driver_sql("SELECT 1")
-        except DatabaseUnavailableError as exc:  # from _connect: it names the database and the reason already
+        except DatabaseUnavailableError as exc:  # from _ConnectWrapper: it names the database and the reason already
             raise DatabaseUnavailableError(f"{str(exc).rstrip('.')}. {advice}") from None
         except Exception as exc:
             # The driver's text (connection refused, authentication failed) helps; it carries no password.
