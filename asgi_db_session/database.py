@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -66,6 +67,16 @@ def _refuse_lost_hooks(session_options: Mapping[str, Any]) -> None:
         raise TypeError(
             HOOKS_WOULD_NEVER_RUN.format(session_class=session_class.__name__, sync_class=sync_class.__name__)
         )
+
+
+@functools.cache
+def _tracking_writes(sync_class: type[Session]) -> type[Session]:
+    """``sync_class``, noting its writes: an app's own sync session class is kept, WriteTrackingSession mixed in."""
+    if issubclass(sync_class, WriteTrackingSession):
+        return sync_class
+    if sync_class is HookSession:
+        return WriteTrackingSession
+    return type(f"WriteTracking{sync_class.__name__}", (WriteTrackingSession, sync_class), {})
 
 
 class _ConnectWrapper:
@@ -311,9 +322,11 @@ class Database:
 
     def _maker(self, engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
         options = dict(self.session_options)
-        if self._replica_settings and options.get("class_") is GuardedSession:
+        session_class = options.get("class_")
+        if self._replica_settings and isinstance(session_class, type) and issubclass(session_class, GuardedSession):
             # Tells the request which of its reads must stay on the primary; only with replicas, as it costs.
-            options.setdefault("sync_session_class", WriteTrackingSession)
+            sync_class = options.get("sync_session_class") or session_class.sync_session_class
+            options["sync_session_class"] = _tracking_writes(sync_class)
         return async_sessionmaker(engine, **options)
 
     def _primary_read_only_maker(self) -> async_sessionmaker[AsyncSession]:
