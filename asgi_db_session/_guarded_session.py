@@ -17,7 +17,7 @@ import functools
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 
 from .commit_hooks import HookSession, has_due_hooks, hooks_deferred, run_due_hooks
 from .exceptions import CONCURRENT_USE, ConcurrentSessionUseError
@@ -54,7 +54,15 @@ _GUARDED_METHODS = (
 
 
 class GuardedSession(AsyncSession):
-    """The session class the middleware's sessions use unless ``session_options`` names another."""
+    """The AsyncSession class of every session the package makes, unless ``session_options`` names another.
+
+    On top of AsyncSession it refuses an operation from a second task while another task's runs (with
+    ConcurrentSessionUseError, instead of SQLAlchemy's errors or a stuck connection), lets ``close()`` wait for
+    that operation, and runs the ``on_commit()`` callbacks after a commit: ``commit()``, the end of
+    ``async with session.begin():``, or the package's own commit. A session class of your own
+    (``session_options={"class_": MySession}``) must derive from it for ``on_commit()``, the guard and
+    read-your-writes with replicas to keep working.
+    """
 
     sync_session_class = HookSession
 
@@ -90,6 +98,60 @@ class GuardedSession(AsyncSession):
         if has_due_hooks(self) and not hooks_deferred.get():
             await run_due_hooks(self)
 
+    # SQLAlchemy's own idiom, ``async with session.begin():``, commits through the transaction object, not
+    # commit(): its begin, commit and rollback are guarded too, and its commit runs the due callbacks.
+    def begin(self) -> AsyncSessionTransaction:
+        """A transaction that commits at the end of ``async with``; then the on_commit callbacks run."""
+        return _GuardedTransaction(self)
+
+    def begin_nested(self) -> AsyncSessionTransaction:
+        """A savepoint; its release is no commit: on_commit callbacks wait for the outermost transaction's."""
+        return _GuardedTransaction(self, nested=True)
+
+    def get_transaction(self) -> AsyncSessionTransaction | None:
+        transaction = self.sync_session.get_transaction()
+        if transaction is None:
+            return None
+        return _GuardedTransaction._retrieve_proxy_for_target(transaction, async_session=self)
+
+    def get_nested_transaction(self) -> AsyncSessionTransaction | None:
+        transaction = self.sync_session.get_nested_transaction()
+        if transaction is None:
+            return None
+        return _GuardedTransaction._retrieve_proxy_for_target(transaction, async_session=self)
+
+
+class _GuardedTransaction(AsyncSessionTransaction):
+    """A GuardedSession's transaction: begun, committed and rolled back under the session's guard."""
+
+    __slots__ = ()
+
+    session: GuardedSession
+
+    async def start(self, is_ctxmanager: bool = False) -> AsyncSessionTransaction:
+        await (_guarded_begin_nested if self.nested else _guarded_begin)(self.session, self, is_ctxmanager)
+        return self
+
+    async def commit(self) -> None:
+        await _guarded_transaction_commit(self.session, self)
+        await _run_due_hooks(self.session)
+
+    async def rollback(self) -> None:
+        await _guarded_transaction_rollback(self.session, self)
+
+    async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
+        if type_ is not None:
+            await _guarded_exit_rollback(self.session, self, type_, value, traceback)
+            return
+        await _guarded_exit_commit(self.session, self, type_, value, traceback)
+        await _run_due_hooks(self.session)
+
+
+async def _run_due_hooks(session: GuardedSession) -> None:
+    # Due only after the outermost transaction committed: a savepoint's release makes none due.
+    if has_due_hooks(session) and not hooks_deferred.get():
+        await run_due_hooks(session)
+
 
 def _guard(method: _AsyncMethod) -> _AsyncMethod:
     """``method`` of AsyncSession, refusing a second task while one runs an operation on the session."""
@@ -117,8 +179,25 @@ def _guard(method: _AsyncMethod) -> _AsyncMethod:
     return guarded
 
 
+def _transaction_step(name: str, step: _AsyncMethod) -> _AsyncMethod:
+    """``step`` of AsyncSessionTransaction, under the guard of its session; ``name`` is what the error says."""
+
+    async def run(session: GuardedSession, transaction: AsyncSessionTransaction, *args: Any) -> Any:
+        return await step(transaction, *args)
+
+    run.__name__ = name
+    return _guard(run)
+
+
 _guarded_close = _guard(AsyncSession.close)
 _guarded_commit = _guard(AsyncSession.commit)
+_guarded_begin = _transaction_step("begin", AsyncSessionTransaction.start)
+_guarded_begin_nested = _transaction_step("begin_nested", AsyncSessionTransaction.start)
+_guarded_transaction_commit = _transaction_step("commit", AsyncSessionTransaction.commit)
+_guarded_transaction_rollback = _transaction_step("rollback", AsyncSessionTransaction.rollback)
+# Leaving ``async with session.begin():`` commits, or rolls back after an exception.
+_guarded_exit_commit = _transaction_step("commit", AsyncSessionTransaction.__aexit__)
+_guarded_exit_rollback = _transaction_step("rollback", AsyncSessionTransaction.__aexit__)
 
 for _name in _GUARDED_METHODS:
     if hasattr(AsyncSession, _name):  # delete_all() and merge_all() came with SQLAlchemy 2.1

@@ -21,7 +21,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 
 from ._context import ScopeState, scope_var
-from .exceptions import NO_SCOPE, NoSessionError
+from .exceptions import NO_SCOPE, ON_COMMIT_NEEDS_GUARDED_SESSION, NoSessionError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -73,10 +73,12 @@ def on_commit(callback: CommitCallback, name: str = "default") -> None:
         raise NoSessionError(NO_SCOPE.format(name=name))
     session = state.session if state.session is not None else state.open()
     sync_session = session.sync_session
+    # A HookSession is always under a GuardedSession, which runs the callbacks: Database refuses other pairs.
     if not isinstance(sync_session, HookSession):
         raise TypeError(
-            f"on_commit() needs the package's session class; the {name!r} session is a "
-            f"{type(sync_session).__name__}. Keep the default sync_session_class or derive it from HookSession."
+            ON_COMMIT_NEEDS_GUARDED_SESSION.format(
+                name=name, session_class=type(session).__name__, sync_class=type(sync_session).__name__
+            )
         )
     transaction = sync_session.get_nested_transaction() or sync_session.get_transaction()
     hook = _Hook(callback, state.database, transaction)
@@ -86,7 +88,9 @@ def on_commit(callback: CommitCallback, name: str = "default") -> None:
 @event.listens_for(HookSession, "after_commit")
 def _commit_made_hooks_due(session: HookSession) -> None:
     waiting = session._hooks_waiting
-    if waiting:
+    # SQLAlchemy sends after_commit for a savepoint's release too (it is then still the session's current
+    # transaction): nothing is saved until the outermost transaction commits.
+    if waiting and not session.in_nested_transaction():
         session._hooks_waiting = None
         session._hooks_due = [*(session._hooks_due or ()), *waiting]
 
@@ -143,7 +147,7 @@ async def _run_hook(hook: _Hook) -> None:
             result = hook.callback()
             if inspect.isawaitable(result):
                 await result
-        except Exception:
+        except BaseException:  # a cancelled callback's half-done work is not saved either
             failed = True
             raise
         finally:

@@ -14,12 +14,14 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
 
 from ._guarded_session import GuardedSession
 from ._orphans import OrphanReaper, server_ends_orphans
 from ._urls import redact_url
 from ._write_tracking import WriteTrackingSession
-from .exceptions import NO_DATABASE, DatabaseUnavailableError, NoSessionError
+from .commit_hooks import HookSession
+from .exceptions import HOOKS_WOULD_NEVER_RUN, NO_DATABASE, DatabaseUnavailableError, NoSessionError
 from .query_insight import count_queries_on
 from .settings import DatabaseSettings, settings_from_environment
 
@@ -50,6 +52,81 @@ def _forget_inherited_connections() -> None:
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
     os.register_at_fork(after_in_child=_forget_inherited_connections)
+
+
+def _refuse_lost_hooks(session_options: Mapping[str, Any]) -> None:
+    """A sync session class that holds on_commit() callbacks under a class_ that never runs them: refused."""
+    session_class = session_options.get("class_", AsyncSession)
+    sync_class = session_options.get("sync_session_class") or getattr(session_class, "sync_session_class", Session)
+    if (
+        isinstance(session_class, type)
+        and isinstance(sync_class, type)
+        and issubclass(sync_class, HookSession)
+        and not issubclass(session_class, GuardedSession)
+    ):
+        raise TypeError(
+            HOOKS_WOULD_NEVER_RUN.format(session_class=session_class.__name__, sync_class=sync_class.__name__)
+        )
+
+
+@functools.cache
+def _tracking_writes(sync_class: type[Session]) -> type[Session]:
+    """``sync_class``, noting its writes: an app's own sync session class is kept, WriteTrackingSession mixed in."""
+    if issubclass(sync_class, WriteTrackingSession):
+        return sync_class
+    if sync_class is HookSession:
+        return WriteTrackingSession
+    return type(f"WriteTracking{sync_class.__name__}", (WriteTrackingSession, sync_class), {})
+
+
+class _ConnectWrapper:
+    """An engine's connect: a refused or reset connect, or a refused login, becomes DatabaseUnavailableError.
+
+    The driver raises the first two as plain OSErrors that SQLAlchemy passes on unwrapped, which would make them
+    indistinguishable from any other network error in the app, and a 500 instead of a 503. A login the server
+    refuses (a wrong password, no pg_hba.conf line for the user: SQLSTATE class 28) would otherwise be a 500
+    with asyncpg's error; the server's text names the user, never the password.
+
+    One per engine, however many Databases are built on it (a session-scoped engine and an app per test). The
+    error names the newest of them that still exists, as get_database() finds the newest Database of a name; it
+    holds them weakly, so that an engine outliving its Databases keeps none of them alive.
+    """
+
+    __slots__ = ("_connect", "_databases", "_name", "_redacted_url")
+
+    def __init__(self, connect: Callable[..., Any], redacted_url: str) -> None:
+        self._connect = connect
+        self._redacted_url = redacted_url
+        self._databases: list[weakref.ref[Database]] = []
+        self._name = ""
+
+    def add(self, database: Database) -> None:
+        self._databases = [*(ref for ref in self._databases if ref() is not None), weakref.ref(database)]
+        self._name = database.name  # the name to give once every Database on the engine is gone
+
+    def _database_name(self) -> str:
+        for ref in reversed(self._databases):
+            database = ref()
+            if database is not None:
+                return database.name
+        return self._name
+
+    def __call__(self, *cargs: Any, **cparams: Any) -> Any:
+        try:
+            return self._connect(*cargs, **cparams)
+        except OSError as exc:
+            raise DatabaseUnavailableError(
+                f"Cannot reach database {self._database_name()!r} at {self._redacted_url}: {type(exc).__name__}: {exc}"
+            ) from exc
+        except Exception as exc:
+            # SQLAlchemy 2.1 wraps asyncpg's error in one of its adapter (asyncpg's as __cause__); 2.0 does not.
+            refused = exc if isinstance(exc, asyncpg.PostgresError) else exc.__cause__
+            if not isinstance(refused, asyncpg.InvalidAuthorizationSpecificationError):
+                raise
+            raise DatabaseUnavailableError(
+                f"Cannot reach database {self._database_name()!r} at {self._redacted_url}: the server refused the "
+                f"login: {type(refused).__name__}: {refused}"
+            ) from exc
 
 
 def get_database(name: str = "default") -> Database:
@@ -108,6 +185,7 @@ class Database:
             check_on_startup = settings is not None and settings.check_on_startup
         self.check_on_startup = check_on_startup
         self.session_options: Mapping[str, Any] = {**SESSION_DEFAULTS, **(session_options or {})}
+        _refuse_lost_hooks(self.session_options)
         self._engine_options = dict(engine_options or {})
         self._reapers: list[OrphanReaper] = []
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
@@ -172,10 +250,13 @@ class Database:
         # The dialect's own connect, wrapped on this engine's dialect rather than through a "do_connect" listener:
         # any dialect listener makes SQLAlchemy dispatch dialect events at every statement (do_execute,
         # do_setinputsizes), ~6k instructions per statement here (benchmarks/instructions.py, /ten). Wrapped
-        # once: a second Database on the same engine leaves the first one's wrapper. (setattr: mypy refuses an
-        # assignment to a method.)
-        if "connect" not in vars(dialect):
-            setattr(dialect, "connect", functools.partial(self._connect, dialect.connect))  # noqa: B010
+        # once: a second Database on the same engine joins the wrapper. (setattr: mypy refuses an assignment to
+        # a method.)
+        wrapper = vars(dialect).get("connect")
+        if not isinstance(wrapper, _ConnectWrapper):
+            wrapper = _ConnectWrapper(dialect.connect, redact_url(engine.url.render_as_string(hide_password=True)))
+            setattr(dialect, "connect", wrapper)  # noqa: B010
+        wrapper.add(self)
         if self._counting_queries:
             count_queries_on(sync_engine, self.name)
         if engine.dialect.driver != "asyncpg":
@@ -187,30 +268,6 @@ class Database:
         elif not server_ends_orphans(settings.client_connection_check_interval):
             connect_args = settings.engine_options().get("connect_args", {})
             self._reapers.append(OrphanReaper(engine, settings.engine_url(), connect_args))
-
-    def _connect(self, connect: Callable[..., Any], *cargs: Any, **cparams: Any) -> Any:
-        """Open a DBAPI connection; a refused or reset connect, or a refused login, becomes DatabaseUnavailableError.
-
-        The driver raises the first two as plain OSErrors that SQLAlchemy passes on unwrapped, which would make
-        them indistinguishable from any other network error in the app, and a 500 instead of a 503. A login the
-        server refuses (a wrong password, no pg_hba.conf line for the user: SQLSTATE class 28) would otherwise be
-        a 500 with asyncpg's error; the server's text names the user, never the password.
-        """
-        try:
-            return connect(*cargs, **cparams)
-        except OSError as exc:
-            raise DatabaseUnavailableError(
-                f"Cannot reach database {self.name!r} at {self.redacted_url}: {type(exc).__name__}: {exc}"
-            ) from exc
-        except Exception as exc:
-            # SQLAlchemy 2.1 wraps asyncpg's error in one of its adapter (asyncpg's as __cause__); 2.0 does not.
-            refused = exc if isinstance(exc, asyncpg.PostgresError) else exc.__cause__
-            if not isinstance(refused, asyncpg.InvalidAuthorizationSpecificationError):
-                raise
-            raise DatabaseUnavailableError(
-                f"Cannot reach database {self.name!r} at {self.redacted_url}: the server refused the login: "
-                f"{type(refused).__name__}: {refused}"
-            ) from exc
 
     @property
     def sessionmaker(self) -> async_sessionmaker[AsyncSession]:
@@ -265,9 +322,11 @@ class Database:
 
     def _maker(self, engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
         options = dict(self.session_options)
-        if self._replica_settings and options.get("class_") is GuardedSession:
+        session_class = options.get("class_")
+        if self._replica_settings and isinstance(session_class, type) and issubclass(session_class, GuardedSession):
             # Tells the request which of its reads must stay on the primary; only with replicas, as it costs.
-            options.setdefault("sync_session_class", WriteTrackingSession)
+            sync_class = options.get("sync_session_class") or session_class.sync_session_class
+            options["sync_session_class"] = _tracking_writes(sync_class)
         return async_sessionmaker(engine, **options)
 
     def _primary_read_only_maker(self) -> async_sessionmaker[AsyncSession]:
@@ -309,7 +368,7 @@ class Database:
         try:
             async with asyncio.timeout(timeout), self.engine.connect() as connection:
                 await connection.exec_driver_sql("SELECT 1")
-        except DatabaseUnavailableError as exc:  # from _connect: it names the database and the reason already
+        except DatabaseUnavailableError as exc:  # from _ConnectWrapper: it names the database and the reason already
             raise DatabaseUnavailableError(f"{str(exc).rstrip('.')}. {advice}") from None
         except Exception as exc:
             # The driver's text (connection refused, authentication failed) helps; it carries no password.

@@ -36,6 +36,16 @@ CONCURRENT_USE = (
     "current_session(), say). An AsyncSession runs one operation at a time: give each concurrent task a "
     "session of its own with `async with session_scope():` inside the task."
 )
+ON_COMMIT_NEEDS_GUARDED_SESSION = (
+    "on_commit() cannot hold callbacks for the {name!r} session: it is a {session_class} on a sync "
+    "{sync_class}, and only the package's session classes run them after a commit. In session_options, keep the "
+    "default class_ or derive it from asgi_db_session.GuardedSession, and keep the default sync_session_class."
+)
+HOOKS_WOULD_NEVER_RUN = (
+    "session_options: the sync session class {sync_class} holds on_commit() callbacks, but class_ {session_class} "
+    "does not run them after a commit, so they would be lost. Keep the default class_ or derive it from "
+    "asgi_db_session.GuardedSession."
+)
 COMMIT_FAILED = (
     "Committing the {name!r} session before sending the response failed, so the client got {status} instead of "
     "the app's {app_status}; nothing of this request was saved."

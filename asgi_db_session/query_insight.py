@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ logger = logging.getLogger("asgi_db_session")
 
 _vars: dict[str, ContextVar[QueryStats | None]] = {}
 _STARTED = "_asgi_db_session_started"
+# The names whose statements each engine counts already.
+_counted: weakref.WeakKeyDictionary[Engine, set[str]] = weakref.WeakKeyDictionary()
 
 NOT_COUNTING = (
     "Queries of database {name!r} are not being counted here: query_stats() works inside a request of a "
@@ -60,7 +63,18 @@ def query_stats(name: str = "default") -> QueryStats:
 
 
 def count_queries_on(engine: Engine, name: str) -> None:
-    """Charge every statement that ``engine`` runs to the current request's QueryStats for ``name``."""
+    """Charge every statement that ``engine`` runs to the current request's QueryStats for ``name``.
+
+    Once per engine and name, however many Databases of that name are built on the engine (a session-scoped
+    engine and an app per test): a second set of listeners would count every statement twice. Two names on one
+    engine each get their own; a statement is charged to every name whose request or block it runs in.
+    """
+    names = _counted.get(engine)
+    if names is None:
+        names = _counted[engine] = set()
+    if name in names:
+        return
+    names.add(name)
     var = stats_var(name)
 
     def before(conn: Connection, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from asgi_db_session import Database, DBSessionMiddleware, NoSessionError, current_session, on_commit, session_scope
+import asgi_db_session
+from asgi_db_session import (
+    ConcurrentSessionUseError,
+    Database,
+    DBSessionMiddleware,
+    NoSessionError,
+    current_session,
+    on_commit,
+    session_scope,
+)
+from asgi_db_session.commit_hooks import HookSession
+from asgi_db_session.exceptions import CONCURRENT_USE
 
 from .conftest import Backend, client
 from .models import Item
@@ -142,10 +155,61 @@ async def test_on_commit_with_a_foreign_sync_session_class_says_what_to_keep(sql
     database = Database(sqlite_url, name="foreign", session_options={"sync_session_class": Session})
     try:
         async with session_scope("foreign"):
-            with pytest.raises(TypeError, match="derive it from HookSession"):
+            with pytest.raises(TypeError, match="keep the default sync_session_class") as caught:
                 on_commit(lambda: None, "foreign")
     finally:
         await database.dispose()
+    # What the message tells the user to derive from is public.
+    assert "asgi_db_session.GuardedSession" in str(caught.value)
+    assert "HookSession" not in str(caught.value)
+
+
+async def test_on_commit_with_a_session_class_not_derived_from_guarded_session_names_it(sqlite_url: str) -> None:
+    class PlainSession(AsyncSession):
+        pass
+
+    database = Database(sqlite_url, name="plain", session_options={"class_": PlainSession})
+    try:
+        async with session_scope("plain"):
+            with pytest.raises(TypeError, match=r"derive it from asgi_db_session\.GuardedSession"):
+                on_commit(lambda: None, "plain")
+    finally:
+        await database.dispose()
+
+
+async def test_a_session_class_derived_from_guarded_session_runs_the_callbacks(backend: Backend) -> None:
+    class MySession(asgi_db_session.GuardedSession):  # what the TypeError above advises
+        pass
+
+    journal = Journal(backend)
+    database = Database(backend.url, session_options={"class_": MySession})
+    try:
+        async with session_scope() as session:
+            assert type(session) is MySession
+            session.add(Item(id=1, name="saved"))
+            on_commit(journal.seeing("first"))
+            await session.commit()
+            journal.remember("after commit")
+    finally:
+        await database.dispose()
+    assert journal.entries == ["first:saved|saved", "after commit"]
+
+
+def test_hooks_on_a_session_class_that_would_never_run_them_are_refused_at_construction(sqlite_url: str) -> None:
+    """The sync class moves hooks along, but only the package's AsyncSession class runs them after a commit."""
+
+    class MySyncSession(HookSession):
+        pass
+
+    class MySession(AsyncSession):
+        sync_session_class = MySyncSession
+
+    for options in (
+        {"class_": MySession},
+        {"class_": AsyncSession, "sync_session_class": MySyncSession},
+    ):
+        with pytest.raises(TypeError, match=r"derive it from asgi_db_session\.GuardedSession"):
+            Database(sqlite_url, name="refused", session_options=options)
 
 
 async def test_callbacks_of_a_scope_that_rolls_back_never_run(backend: Backend, database: Database) -> None:
@@ -173,3 +237,115 @@ async def test_a_rollback_drops_the_callbacks_registered_before_it(backend: Back
         on_commit(lambda: journal.remember("for saved data"))
     assert journal.entries == ["for saved data"]
     assert await backend.names() == ["saved"]
+
+
+async def test_a_cancelled_callback_saves_none_of_its_work(backend: Backend, database: Database) -> None:
+    started = asyncio.Event()
+
+    async def slow() -> None:
+        current_session().add(Item(id=2, name="half-done"))
+        await current_session().flush()
+        started.set()
+        await asyncio.sleep(30)
+
+    async def block() -> None:
+        async with session_scope(commit=True) as session:
+            session.add(Item(id=1, name="saved"))
+            on_commit(slow)
+
+    task = asyncio.create_task(block())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await backend.names() == ["saved"]
+
+
+@pytest.mark.parametrize("commit", [False, True])
+async def test_a_begin_block_runs_the_callbacks_when_it_commits(
+    backend: Backend, database: Database, commit: bool
+) -> None:
+    journal = Journal(backend)
+    async with session_scope(commit=commit) as session:
+        async with session.begin():
+            session.add(Item(id=1, name="saved"))
+            on_commit(journal.seeing("first"))
+        journal.remember("after the block")
+    assert journal.entries == ["first:saved|saved", "after the block"]
+
+
+async def test_a_begin_block_in_a_request_runs_the_callbacks_when_it_commits(
+    backend: Backend, database: Database
+) -> None:
+    journal = Journal(backend)
+
+    async def add(request: Request) -> Response:
+        session = current_session()
+        async with session.begin():
+            session.add(Item(id=1, name="saved"))
+            on_commit(journal.seeing("first"))
+        journal.remember("after the block")
+        return PlainTextResponse("ok", status_code=201)
+
+    app = Starlette(routes=[Route("/add", add, methods=["POST"])])
+    app.add_middleware(DBSessionMiddleware, database=database)
+    async with client(app) as http:
+        assert (await http.post("/add")).status_code == 201
+    assert journal.entries == ["first:saved|saved", "after the block"]
+    assert await backend.names() == ["saved"]
+
+
+async def test_a_begun_transactions_own_commit_runs_the_callbacks(backend: Backend, database: Database) -> None:
+    journal = Journal(backend)
+    async with session_scope() as session:
+        transaction = await session.begin()
+        session.add(Item(id=1, name="saved"))
+        on_commit(journal.seeing("first"))
+        await transaction.commit()
+        journal.remember("after the commit")
+    assert journal.entries == ["first:saved|saved", "after the commit"]
+
+
+async def test_callbacks_wait_for_the_outermost_commit_not_a_savepoint_release(
+    backend: Backend, database: Database
+) -> None:
+    journal = Journal(backend)
+    async with session_scope() as session:
+        async with session.begin():
+            session.add(Item(id=1, name="kept"))
+            on_commit(lambda: journal.remember("outer"))
+            async with session.begin_nested():
+                on_commit(lambda: journal.remember("inside the savepoint"))
+            journal.remember("savepoint released")
+        journal.remember("committed")
+    assert journal.entries == ["savepoint released", "outer", "inside the savepoint", "committed"]
+
+
+async def test_a_released_savepoint_does_not_save_callbacks_from_a_later_rollback(
+    backend: Backend, database: Database
+) -> None:
+    journal = Journal(backend)
+    async with session_scope(commit=True) as session:
+        session.add(Item(id=1, name="rolled back"))
+        on_commit(lambda: journal.remember("for rolled-back data"))
+        async with session.begin_nested():
+            pass
+        await session.rollback()
+        session.add(Item(id=2, name="saved"))
+        on_commit(lambda: journal.remember("for saved data"))
+    assert journal.entries == ["for saved data"]
+    assert await backend.names() == ["saved"]
+
+
+async def test_a_begin_block_in_a_second_task_names_the_fix(backend: Backend, database: Database) -> None:
+    async def write(number: int) -> None:
+        session = current_session()
+        async with session.begin():
+            session.add(Item(id=number, name=f"from task {number}"))
+
+    async with session_scope():
+        results = await asyncio.gather(write(1), write(2), return_exceptions=True)
+    assert results[0] is None
+    assert isinstance(results[1], ConcurrentSessionUseError)
+    assert str(results[1]) == CONCURRENT_USE.format(method="begin")
+    assert await backend.names() == ["from task 1"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -127,8 +130,10 @@ async def test_an_unreachable_database_is_reported_without_the_password() -> Non
     await database.dispose()
 
 
-async def test_a_given_engine_reports_a_refused_connect_once_under_the_first_database() -> None:
-    """An engine given to Database has its connect wrapped too, once: a second Database on it adds no layer."""
+async def test_a_given_engine_reports_a_refused_connect_once_under_the_newest_database() -> None:
+    """An engine given to Database has its connect wrapped too, once: a second Database on it adds no layer, and
+    a failure is reported under the name of the newest Database on the engine (as get_database() finds the newest
+    of a name): with a session-scoped engine and an app built per test, that is the current test's."""
     engine = create_async_engine(UNREACHABLE)
     Database(engine=engine, name="first_on_engine")
     Database(engine=engine, name="second_on_engine")
@@ -140,8 +145,21 @@ async def test_a_given_engine_reports_a_refused_connect_once_under_the_first_dat
         await engine.dispose()
     message = str(caught.value)
     assert message.count("Cannot reach") == 1
-    assert "Cannot reach database 'first_on_engine' at postgresql+asyncpg://app:***@127.0.0.1:1/test" in message
+    assert "Cannot reach database 'second_on_engine' at postgresql+asyncpg://app:***@127.0.0.1:1/test" in message
     assert "Zx9q" not in message
+
+
+async def test_the_connect_wrapper_keeps_no_database_alive() -> None:
+    engine = create_async_engine(UNREACHABLE)
+    first = Database(engine=engine, name="kept_alive")
+    first_ref = weakref.ref(first)
+    del first
+    Database(engine=engine, name="kept_alive")  # replaces the first in the registry
+    gc.collect()
+    try:
+        assert first_ref() is None
+    finally:
+        await engine.dispose()
 
 
 def test_wrapping_the_connect_leaves_per_statement_dialect_events_off(sqlite_url: str) -> None:

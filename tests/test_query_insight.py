@@ -7,6 +7,7 @@ import re
 
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -138,3 +139,15 @@ async def test_a_failed_statement_counts_and_its_time_too(database: Database) ->
         body = (await http.get("/")).json()
     assert body["statements"] == 1
     assert body["seconds"] > 0
+
+
+async def test_databases_sharing_an_engine_count_each_statement_once(backend: Backend) -> None:
+    """A session-scoped engine and an app built per test: each app counts one statement as one."""
+    engine = create_async_engine(backend.url)
+    try:
+        for _ in range(3):
+            database = Database(engine=engine)
+            async with client(make_app(database, count_queries=True)) as http:
+                assert (await http.get("/queries/1")).json()["statements"] == 1
+    finally:
+        await engine.dispose()

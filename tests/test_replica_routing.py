@@ -23,16 +23,20 @@ from asgi_db_session import (
     Database,
     DatabaseSettings,
     DBSessionMiddleware,
+    GuardedSession,
     current_session,
     session_policy,
     session_scope,
 )
+from asgi_db_session.commit_hooks import HookSession
 
 from .conftest import PG_URL, Backend, client
 from .models import Item
 
 pytestmark = pytest.mark.anyio
 
+# The primary's database name: TEST_DATABASE_URL may name another than "test".
+PRIMARY = PG_URL.rsplit("/", 1)[1].split("?", 1)[0]
 REPLICAS = [PG_URL.rsplit("/", 1)[0] + "/postgres", PG_URL.rsplit("/", 1)[0] + "/template1"]
 
 
@@ -55,12 +59,29 @@ async def test_read_only_scopes_take_the_replicas_in_turn(replicated: Database) 
             seen.append(await where())
     async with session_scope():
         seen.append(await where())
-    assert seen == ["postgres", "template1", "postgres", "template1", "test"]
+    assert seen == ["postgres", "template1", "postgres", "template1", PRIMARY]
+
+
+class OwnSession(GuardedSession):
+    """A session class of the app's own, derived as on_commit() advises."""
+
+
+class OwnSyncSession(HookSession):
+    """A sync session class of the app's own."""
+
+
+class OwnSessionWithOwnSync(GuardedSession):
+    sync_session_class = OwnSyncSession
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
-async def test_reads_after_a_write_in_the_request_stay_on_the_primary(backend: Backend, replicated: Database) -> None:
+@pytest.mark.parametrize("session_class", [GuardedSession, OwnSession, OwnSessionWithOwnSync])
+async def test_reads_after_a_write_in_the_request_stay_on_the_primary(
+    backend: Backend, session_class: type[GuardedSession]
+) -> None:
     async def endpoint(request: Request) -> Response:
+        assert isinstance(current_session(), session_class)
+        assert isinstance(current_session().sync_session, session_class.sync_session_class)
         places = []
         async with session_scope(read_only=True):
             places.append(await where())
@@ -73,11 +94,15 @@ async def test_reads_after_a_write_in_the_request_stay_on_the_primary(backend: B
             places.append(await where())
         return JSONResponse(places)
 
+    replicated = Database(backend.url, replicas=REPLICAS, session_options={"class_": session_class})
     app = Starlette(routes=[Route("/", endpoint)])
     app.add_middleware(DBSessionMiddleware, database=replicated, commit_on_success=True)
-    async with client(app) as http:
-        assert (await http.get("/")).json() == ["postgres", "template1"]
-        assert (await http.get("/", params={"write": "1"})).json() == ["postgres", "test"]
+    try:
+        async with client(app) as http:
+            assert (await http.get("/")).json() == ["postgres", "template1"]
+            assert (await http.get("/", params={"write": "1"})).json() == ["postgres", PRIMARY]
+    finally:
+        await replicated.dispose()
     assert await backend.names() == ["written"]
 
 
@@ -99,7 +124,7 @@ async def test_a_write_in_an_ended_block_counts_for_the_whole_request(replicated
     app = Starlette(routes=[Route("/", endpoint)])
     app.add_middleware(DBSessionMiddleware, database=replicated)
     async with client(app) as http:
-        assert (await http.get("/")).json() == ["postgres", "test"]
+        assert (await http.get("/")).json() == ["postgres", PRIMARY]
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
@@ -115,7 +140,7 @@ async def test_a_read_only_route_reads_from_a_replica(replicated: Database) -> N
     app.add_middleware(DBSessionMiddleware, database=replicated)
     async with client(app) as http:
         assert (await http.get("/read")).json() == ["postgres", "on"]
-        assert (await http.get("/plain")).json() == ["test"]
+        assert (await http.get("/plain")).json() == [PRIMARY]
         assert (await http.get("/read")).json() == ["template1", "on"]
     engines = replicated.replica_engines
     assert [engine.pool.checkedout() for engine in engines] == [0, 0]  # type: ignore[attr-defined]
