@@ -36,6 +36,11 @@ CONCURRENT_USE = (
     "current_session(), say). An AsyncSession runs one operation at a time: give each concurrent task a "
     "session of its own with `async with session_scope():` inside the task."
 )
+SCOPE_SESSION_CLASS = (
+    "session_scope(session_options=...) cannot set {option!r}: a block's session keeps its database's session "
+    "class, which carries the package's guards (ConcurrentSessionUseError, on_commit hooks). Set the class for "
+    "every session with Database(session_options=...) or DBSessionMiddleware(session_options=...) instead."
+)
 COMMIT_FAILED = (
     "Committing the {name!r} session before sending the response failed, so the client got {status} instead of "
     "the app's {app_status}; nothing of this request was saved."
