@@ -7,8 +7,9 @@ other part of the request sees, and the one the middleware closes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._types import Scope
 from .exceptions import NO_SCOPE, NO_SESSION_ROUTE, SCOPE_ENDED, NoSessionError
@@ -44,6 +45,8 @@ class ScopeState:
     session: AsyncSession | None
     asgi_scope: Scope | None
     read_only = False
+    # A session_scope()'s own session arguments, over the database's.
+    session_options: Mapping[str, Any] | None = None
     ended = False
     outer: ScopeState | None = None
     # The endpoint marked session_policy(session=False), if this request's is.
@@ -76,7 +79,7 @@ class ScopeState:
                 raise NoSessionError(NO_SESSION_ROUTE.format(name=self.database.name, endpoint=self.forbidden_by))
             read_only = self.read_only
             session = self.session = self.database.new_session(
-                read_only=read_only, on_primary=read_only and self.after_write()
+                read_only=read_only, on_primary=read_only and self.after_write(), options=self.session_options
             )
         return session
 

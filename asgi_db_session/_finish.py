@@ -14,17 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
 import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import SessionTransaction
 
 from ._guarded_session import GuardedSession
 from .commit_hooks import has_due_hooks, hooks_deferred, run_due_hooks
 
 T = TypeVar("T")
+
+logger = logging.getLogger("asgi_db_session")
+
+CLEANUP_FAILED = (
+    "Rolling back and closing a session at the end of its scope failed; its connection was discarded, and "
+    "whatever the session had not committed is lost (the database rolls it back)."
+)
 
 
 class _Waiter:
@@ -108,6 +117,33 @@ def _wait_for(task: asyncio.Task[T]) -> Generator[Any, Any, T]:
     return result
 
 
+async def _close(session: AsyncSession) -> None:
+    """close(): roll back whatever is still open and give the connection back; if that fails, log and discard.
+
+    Never raises: the scope's own outcome (the app's exception, or the response already sent) is what the
+    caller must hear of, and nothing of the transaction was committed either way.
+    """
+    transaction = session.sync_session.get_transaction()
+    try:
+        await session.close()
+    except Exception:
+        logger.warning(CLEANUP_FAILED, exc_info=True)
+        _discard(transaction)
+
+
+def _discard(transaction: SessionTransaction | None) -> None:
+    # SQLAlchemy invalidates a connection itself only when it recognises the error as a disconnect; any other
+    # failure of the rollback (a backend killed while idle shows as "another operation is in progress") leaves
+    # it checked out with its transaction open on the server. The session has let go of its transaction by
+    # now, so the connections are reached through the transaction taken before close(). Only those it took
+    # from an engine (autoclose): one it was given (the testing plugin's) is its owner's. Outside a greenlet,
+    # invalidate() aborts the socket at once: the server ends the backend and rolls its transaction back (the
+    # pool logs, rather than raises, a failure to close it).
+    for connection, _, _, autoclose in set(getattr(transaction, "_connections", {}).values()):
+        if autoclose and not connection.invalidated and not connection.closed:
+            connection.invalidate()
+
+
 async def _commit_then_close(session: AsyncSession) -> None:
     token = hooks_deferred.set(True)  # the callbacks run after the shield, in finish()
     try:
@@ -115,8 +151,7 @@ async def _commit_then_close(session: AsyncSession) -> None:
             await session.commit()
     finally:
         hooks_deferred.reset(token)
-        # close() rolls back whatever is still open and returns the connection to the pool.
-        await session.close()
+        await _close(session)
 
 
 async def _commit_deferring_hooks(session: AsyncSession) -> None:
@@ -135,7 +170,10 @@ def _shielded(cleanup: Coroutine[Any, Any, None]) -> Awaitable[None]:
 
 
 async def finish(session: AsyncSession, *, commit: bool) -> None:
-    """Commit (when ``commit`` and a transaction is open), then close, shielded from cancellation."""
+    """Commit (when ``commit`` and a transaction is open), then close, shielded from cancellation.
+
+    A failed commit is raised; a failed close (its rollback) is logged and its connection discarded.
+    """
     if not session.in_transaction() and getattr(session, "_busy_task", None) is None:
         # Nothing begun, so no connection: close() only forgets the session's objects. It does no IO and so
         # never yields to the loop, leaving a cancellation nothing to interrupt: no shield needed. Our own
@@ -146,7 +184,7 @@ async def finish(session: AsyncSession, *, commit: bool) -> None:
         else:
             await session.close()
         return
-    await _shielded(_commit_then_close(session) if commit else session.close())
+    await _shielded(_commit_then_close(session) if commit else _close(session))
     if commit and has_due_hooks(session):
         await run_due_hooks(session)
 

@@ -300,25 +300,33 @@ class Database:
                 engines.append(engine)
         return engines
 
-    def new_session(self, *, read_only: bool = False, on_primary: bool = False) -> AsyncSession:
+    def new_session(
+        self, *, read_only: bool = False, on_primary: bool = False, options: Mapping[str, Any] | None = None
+    ) -> AsyncSession:
         """A new session; it checks out a connection only when it first runs a statement.
 
         ``read_only``: its transactions are READ ONLY (PostgreSQL enforces it), on the next replica in turn,
         or on the primary when there is none or ``on_primary`` (the request wrote, and a replica may lag).
+        ``options``: session arguments over this database's ``session_options`` (its class stays).
         """
-        joined = self._joined
-        if joined is not None:
-            return joined()
-        if not read_only:
-            return self.sessionmaker()
-        if on_primary or not self._replica_settings:
-            return self._primary_read_only_maker()()
-        makers = self._read_only_makers
-        if makers is None:
-            makers = self._read_only_makers = itertools.cycle(
-                [self._maker(engine.execution_options(postgresql_readonly=True)) for engine in self.replica_engines]
-            )
-        return next(makers)()
+        maker = self._joined
+        if maker is None:
+            if not read_only:
+                maker = self.sessionmaker
+            elif on_primary or not self._replica_settings:
+                maker = self._primary_read_only_maker()
+            else:
+                makers = self._read_only_makers
+                if makers is None:
+                    makers = self._read_only_makers = itertools.cycle(
+                        [
+                            self._maker(engine.execution_options(postgresql_readonly=True))
+                            for engine in self.replica_engines
+                        ]
+                    )
+                maker = next(makers)
+        # The maker's own arguments, class_ among them, stay; the call's arguments override the rest.
+        return maker() if options is None else maker(**options)
 
     def _maker(self, engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
         options = dict(self.session_options)

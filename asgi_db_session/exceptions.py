@@ -46,6 +46,11 @@ HOOKS_WOULD_NEVER_RUN = (
     "does not run them after a commit, so they would be lost. Keep the default class_ or derive it from "
     "asgi_db_session.GuardedSession."
 )
+SCOPE_SESSION_CLASS = (
+    "session_scope(session_options=...) cannot set {option!r}: a block's session keeps its database's session "
+    "class, which carries the package's guards (ConcurrentSessionUseError, on_commit hooks). Set the class for "
+    "every session with Database(session_options=...) or DBSessionMiddleware(session_options=...) instead."
+)
 COMMIT_FAILED = (
     "Committing the {name!r} session before sending the response failed, so the client got {status} instead of "
     "the app's {app_status}; nothing of this request was saved."

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ._context import ScopeState, scope_var
 from ._finish import finish
 from .database import get_database
+from .exceptions import SCOPE_SESSION_CLASS
+
+# What makes a session the package's kind (the guard, the on_commit hooks): the database decides, not a block.
+_CLASS_OPTIONS = ("class_", "sync_session_class")
 
 
 class _SessionScope(AbstractAsyncContextManager[AsyncSession]):
-    __slots__ = ("_commit", "_name", "_read_only", "_state", "_token")
+    __slots__ = ("_commit", "_name", "_read_only", "_session_options", "_state", "_token")
 
-    def __init__(self, name: str, commit: bool | None, read_only: bool | None) -> None:
+    def __init__(
+        self, name: str, commit: bool | None, read_only: bool | None, session_options: Mapping[str, Any] | None
+    ) -> None:
         self._name = name
         self._commit = commit
         self._read_only = read_only
+        self._session_options = session_options
 
     async def __aenter__(self) -> AsyncSession:
         var = scope_var(self._name)
@@ -36,6 +45,8 @@ class _SessionScope(AbstractAsyncContextManager[AsyncSession]):
         state = self._state = ScopeState(database, policy if self._commit is None else self._commit)
         state.outer = outer
         state.read_only = read_only
+        if self._session_options is not None:
+            state.session_options = self._session_options
         session = state.open()
         self._token = var.set(state)
         return session
@@ -50,7 +61,11 @@ class _SessionScope(AbstractAsyncContextManager[AsyncSession]):
 
 
 def session_scope(
-    name: str = "default", *, commit: bool | None = None, read_only: bool | None = None
+    name: str = "default",
+    *,
+    commit: bool | None = None,
+    read_only: bool | None = None,
+    session_options: Mapping[str, Any] | None = None,
 ) -> AbstractAsyncContextManager[AsyncSession]:
     """Open a NEW session for the block, and make it what ``current_session(name)`` returns inside it.
 
@@ -63,5 +78,13 @@ def session_scope(
     ``read_only=True`` makes the block's transactions READ ONLY (PostgreSQL enforces it) and sends them to a
     replica when the database has replicas, unless the request already wrote: then to the primary, which
     has that write. ``None`` follows the scope around the block (a ``session_policy(read_only=True)`` route).
+
+    ``session_options`` are this block's own session arguments (``autoflush``, ``expire_on_commit``, ``bind``,
+    ``info``...) over the database's; the session stays of the database's class (``class_`` is refused).
     """
-    return _SessionScope(name, commit, read_only)
+    if session_options is not None:
+        for option in _CLASS_OPTIONS:
+            if option in session_options:
+                raise ValueError(SCOPE_SESSION_CLASS.format(option=option))
+        session_options = dict(session_options)  # the caller's later changes do not reach the block
+    return _SessionScope(name, commit, read_only, session_options)

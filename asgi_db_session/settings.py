@@ -59,6 +59,9 @@ class DatabaseSettings(BaseSettings):
     """Read replicas (``DATABASE_REPLICA_URLS``, comma-separated): read-only sessions go to them in turn."""
     echo: bool = False
     echo_pool: bool | Literal["debug"] = False
+    hide_parameters: bool = True
+    """Keep SQL parameters (often personal data) out of error messages and of ``echo``'s log; ``False``
+    (``DATABASE_HIDE_PARAMETERS=false``) shows them, for debugging locally."""
     pool_size: int = Field(default=5, ge=0)
     max_overflow: int = Field(default=10, ge=-1)
     pool_pre_ping: bool = True
@@ -142,6 +145,7 @@ class DatabaseSettings(BaseSettings):
         options: dict[str, Any] = {
             "echo": self.echo,
             "echo_pool": self.echo_pool,
+            "hide_parameters": self.hide_parameters,
             "pool_pre_ping": self.pool_pre_ping,
             "pool_recycle": self.pool_recycle,
         }

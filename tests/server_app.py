@@ -14,7 +14,8 @@ process, before the workers are forked.
 
 Routes: /sleep (``pg_sleep``), /idle (an insert, then a long wait with the transaction open), /stream-sleep
 (``pg_sleep`` inside a streaming body, which Starlette itself cancels when the client goes away), /write
-(an insert the middleware commits), /read, /pid (this process and its PostgreSQL backend), and /stats
+(an insert the middleware commits), /read, /pid (this process and its PostgreSQL backend), /fail-with (a
+statement that fails, with the request's body as its parameter: what escapes to the server's log), and /stats
 (pool and session counts, memory) that never touches the database.
 """
 
@@ -183,6 +184,13 @@ async def pid(request: Request) -> Response:
     return JSONResponse({"pid": os.getpid(), "backend_pid": result.scalar_one()})
 
 
+async def fail_with(request: Request) -> Response:
+    # Division by zero: the server's message does not repeat the parameter; only SQLAlchemy's text could.
+    parameter = (await request.body()).decode()
+    await current_session().execute(text("SELECT CAST(:parameter AS text), 1 / 0"), {"parameter": parameter})
+    raise AssertionError("not reached")  # pragma: no cover
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * PAGE_SIZE
@@ -232,6 +240,7 @@ def create_app() -> Starlette:
             Route("/write", write, methods=["POST"]),
             Route("/read", read),
             Route("/pid", pid),
+            Route("/fail-with", fail_with, methods=["POST"]),
             Route("/stats", stats),
         ],
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import os
 import sqlite3
@@ -32,7 +33,8 @@ import anyio
 import asyncpg
 import httpx
 import pytest
-from sqlalchemy import String, func, select, text
+from sqlalchemy import Connection, String, event, func, select, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -41,8 +43,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_db_session import Database, DatabaseSettings, DBSessionMiddleware, current_session
-from asgi_db_session._types import ASGIApp, Receive, Scope, Send
+from asgi_db_session._finish import CLEANUP_FAILED
+from asgi_db_session._types import ASGIApp, Message, Receive, Scope, Send
 
+from .asgi import http_scope
 from .conftest import PG_URL, client
 from .pg_cluster import Cluster, pg_cluster
 
@@ -784,3 +788,145 @@ async def test_an_exclusion_constraint_violation_is_409(pg_tables: str, make_dat
     async with pg_connection(pg_tables) as connection:
         assert [row[0] for row in await connection.fetch(f"SELECT id FROM {BOOKINGS} ORDER BY id")] == [1]
     assert checked_out(database) == 0
+
+
+# --- 5. a cleanup that fails --------------------------------------------------------------------------------
+# The request's transaction is still open when the middleware rolls it back and closes the session, and that
+# rollback fails. Driven with raw ASGI, so that the test sees exactly what escapes to the server.
+
+
+@dataclass
+class CleanupApp:
+    """Endpoints that leave an open transaction (one row inserted, never committed) for the cleanup to roll back."""
+
+    database: Database
+    dsn: str
+    kill_after_response: bool = True
+    pids: list[int] = field(default_factory=list)  # the backends of /left-open's requests
+
+    def app(self) -> Starlette:
+        async def app_error(request: Request) -> Response:
+            session = current_session()
+            await session.execute(text(f"INSERT INTO {WRITES} (id) VALUES (1)"))
+            pid = await session.scalar(text("SELECT pg_backend_pid()"))
+            assert isinstance(pid, int)
+            await terminate(self.dsn, pid)
+            raise ValueError("app's own")
+
+        async def left_open(request: Request) -> Response:
+            session = current_session()
+            await session.execute(text(f"INSERT INTO {WRITES} (id) VALUES (2)"))
+            pid = await session.scalar(text("SELECT pg_backend_pid()"))
+            assert isinstance(pid, int)
+            self.pids.append(pid)
+            return PlainTextResponse("done")
+
+        async def read(request: Request) -> Response:
+            count = await current_session().scalar(text(f"SELECT count(*) FROM {WRITES}"))
+            return PlainTextResponse(str(count))
+
+        routes = [Route("/app-error", app_error), Route("/left-open", left_open), Route("/read", read)]
+        app = Starlette(routes=routes)
+        app.add_middleware(DBSessionMiddleware, database=self.database)
+        return app
+
+    async def call(self, app: ASGIApp, path: str) -> list[Message]:
+        """Call ``app`` as a server does; what it sent (whatever escaped it propagates)."""
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+            final = message["type"] == "http.response.body" and not message.get("more_body", False)
+            if final and self.kill_after_response and self.pids:
+                await terminate(self.dsn, *self.pids)
+
+        await app(http_scope(path), receive, send)
+        return sent
+
+
+def cleanup_failures(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == "asgi_db_session" and record.exc_info]
+
+
+async def assert_nothing_committed_and_next_request_works(cleanup_app: CleanupApp, app: ASGIApp) -> None:
+    assert checked_out(cleanup_app.database) == 0
+    async with pg_connection(cleanup_app.dsn) as connection:
+        assert await connection.fetch(f"SELECT id FROM {WRITES}") == []
+    cleanup_app.kill_after_response = False
+    sent = await cleanup_app.call(app, "/read")
+    assert sent[0]["status"] == 200
+    assert sent[1]["body"] == b"0"
+    assert checked_out(cleanup_app.database) == 0
+
+
+async def test_app_error_wins_over_a_failed_rollback(
+    pg_tables: str, make_database: MakeDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The backend dies while the request holds a transaction, then the app raises: the server hears of the app's
+    error, not of the cleanup's, which is logged."""
+    cleanup_app = CleanupApp(make_database(PG_URL), pg_tables)
+    app = cleanup_app.app()
+    with pytest.raises(ValueError, match="app's own") as caught:
+        await cleanup_app.call(app, "/app-error")
+
+    assert type(caught.value) is ValueError
+    assert "asyncpg" not in "".join(traceback.format_exception(caught.value))
+    [failure] = cleanup_failures(caplog)
+    assert failure.getMessage() == CLEANUP_FAILED
+    assert failure.exc_info is not None
+    # InterfaceError ("connection is closed") or, when asyncpg has not read the termination yet, InternalError.
+    assert isinstance(failure.exc_info[1], sa_exc.DBAPIError)
+    await assert_nothing_committed_and_next_request_works(cleanup_app, app)
+
+
+async def test_a_failed_rollback_after_a_complete_response_is_logged_not_raised(
+    pg_tables: str, make_database: MakeDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The response went out whole (200), the transaction was left open, the backend died before the cleanup's
+    rollback: nothing for the server to hear of, a log line, the connection gone from the pool.
+
+    asyncpg, which has not read the termination yet, fails the rollback with "another operation is in progress",
+    which SQLAlchemy does not take for a disconnect: the connection would stay checked out without the discard.
+    """
+    cleanup_app = CleanupApp(make_database(PG_URL), pg_tables)
+    app = cleanup_app.app()
+    sent = await cleanup_app.call(app, "/left-open")
+
+    assert [message["type"] for message in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 200
+    [failure] = cleanup_failures(caplog)
+    assert failure.getMessage() == CLEANUP_FAILED
+    assert failure.exc_info is not None
+    assert isinstance(failure.exc_info[1], sa_exc.DBAPIError)
+    await assert_nothing_committed_and_next_request_works(cleanup_app, app)
+
+
+async def test_a_rollback_that_fails_on_a_live_connection_discards_it(
+    pg_tables: str, make_database: MakeDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rollback that fails with the connection alive (here a "rollback" event listener that raises): SQLAlchemy
+    leaves the connection checked out with its transaction open. The cleanup throws it away, so that it neither
+    stays out of the pool nor holds its transaction (and its row locks) on the server."""
+    database = make_database(PG_URL)
+    cleanup_app = CleanupApp(database, pg_tables, kill_after_response=False)
+    app = cleanup_app.app()
+    failing = True
+
+    def rollback_listener(connection: Connection) -> None:
+        if failing:
+            raise RuntimeError("listener failed")
+
+    event.listen(database.engine.sync_engine, "rollback", rollback_listener)
+    sent = await cleanup_app.call(app, "/left-open")
+    failing = False
+
+    assert sent[0]["status"] == 200
+    [failure] = cleanup_failures(caplog)
+    assert failure.exc_info is not None
+    assert str(failure.exc_info[1]) == "listener failed"
+    async with pg_connection(pg_tables) as connection:
+        await wait_until_gone(connection, cleanup_app.pids)  # not left "idle in transaction", holding its lock
+    await assert_nothing_committed_and_next_request_works(cleanup_app, app)

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from contextlib import closing
+from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Select, func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from asgi_db_session import Database, DBSessionMiddleware, NoSessionError, current_session, session_scope
-from asgi_db_session.exceptions import NO_DATABASE, NO_SCOPE, SCOPE_ENDED
+from asgi_db_session import (
+    ConcurrentSessionUseError,
+    Database,
+    DBSessionMiddleware,
+    NoSessionError,
+    current_session,
+    session_scope,
+)
+from asgi_db_session._guarded_session import GuardedSession
+from asgi_db_session.exceptions import CONCURRENT_USE, NO_DATABASE, NO_SCOPE, SCOPE_ENDED, SCOPE_SESSION_CLASS
 
 from .conftest import Backend, client
 from .models import Item
+from .test_guarded_session import SQLITE_SLOW_QUERY
 
 pytestmark = pytest.mark.anyio
 
@@ -173,3 +185,74 @@ async def test_a_task_that_outlives_its_request_is_told_to_open_its_own_scope(da
     assert len(outcome) == 1
     assert isinstance(outcome[0], NoSessionError)
     assert str(outcome[0]) == SCOPE_ENDED.format(name="default")
+
+
+# --- session_options: one block's own session --------------------------------------------------------------
+
+
+def pending_count() -> Select[int]:
+    return select(func.count()).select_from(Item)
+
+
+async def test_session_options_change_only_that_blocks_session(backend: Backend, database: Database) -> None:
+    async with session_scope(session_options={"autoflush": True, "expire_on_commit": True}) as session:
+        session.add(Item(id=1, name="pending"))
+        assert await session.scalar(pending_count()) == 1  # autoflush sent the INSERT before the query
+        assert session.sync_session.expire_on_commit is True
+        async with session_scope() as inner:
+            assert (inner.sync_session.autoflush, inner.sync_session.expire_on_commit) == (False, False)
+    async with session_scope() as session:
+        session.add(Item(id=2, name="pending"))
+        assert await session.scalar(pending_count()) == 0  # the defaults again: no autoflush
+    assert await backend.names() == []
+
+
+async def test_session_options_inside_a_request_leave_the_request_session_alone(database: Database) -> None:
+    seen: list[tuple[bool, bool]] = []
+
+    async def endpoint(request: Request) -> Response:
+        async with session_scope(session_options={"autoflush": True}) as session:
+            seen.append((session.sync_session.autoflush, current_session() is session))
+        seen.append((current_session().sync_session.autoflush, True))
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(DBSessionMiddleware, database=database)
+    async with client(app) as http:
+        assert (await http.get("/")).text == "ok"
+    assert seen == [(True, True), (False, True)]
+
+
+async def test_session_options_keep_the_concurrency_guard(backend: Backend, database: Database) -> None:
+    slow = "SELECT pg_sleep(0.3)" if backend.name == "postgresql" else SQLITE_SLOW_QUERY
+    async with session_scope(session_options={"autoflush": True}) as session:
+        assert isinstance(session, GuardedSession)
+        with pytest.raises(ConcurrentSessionUseError) as caught:
+            await asyncio.gather(session.execute(text(slow)), session.execute(text("SELECT 1")))
+    assert str(caught.value) == CONCURRENT_USE.format(method="execute")
+    assert database.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_session_options_bind_sends_the_block_elsewhere(
+    backend: Backend, database: Database, tmp_path: Path
+) -> None:
+    path = tmp_path / "elsewhere.db"
+    elsewhere = create_async_engine(f"sqlite+aiosqlite:///{path}")
+    async with elsewhere.begin() as connection:
+        await connection.run_sync(Item.metadata.create_all)
+    try:
+        async with session_scope(commit=True, session_options={"bind": elsewhere}) as session:
+            assert session.sync_session.get_bind() is elsewhere.sync_engine
+            session.add(Item(id=1, name="elsewhere"))
+    finally:
+        await elsewhere.dispose()
+    with closing(sqlite3.connect(path)) as connection:
+        assert connection.execute(f"SELECT name FROM {Item.__tablename__}").fetchall() == [("elsewhere",)]
+    assert await backend.names() == []
+
+
+@pytest.mark.parametrize("option", ["class_", "sync_session_class"])
+async def test_session_options_that_would_drop_the_guard_are_refused(option: str) -> None:
+    with pytest.raises(ValueError, match=r"Database\(session_options=") as caught:
+        session_scope(session_options={option: AsyncSession})
+    assert str(caught.value) == SCOPE_SESSION_CLASS.format(option=option)

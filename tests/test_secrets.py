@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -23,7 +24,7 @@ from asgi_db_session import (
 )
 
 from .asgi import run_lifespan
-from .conftest import client
+from .conftest import Backend, client
 from .models import TABLE, Item
 from .pg_cluster import PASSWORD_ROLE, ROLE_PASSWORD, Cluster, pg_cluster
 
@@ -34,6 +35,10 @@ pytestmark = pytest.mark.anyio
 # Like the issue's example, with a raw "@", but no dictionary word (SecretStr's repr says "Secret").
 PASSWORD = "Zx9-Qv7k@Pw"
 PIECES = {PASSWORD[i : i + 4] for i in range(len(PASSWORD) - 3)} | {quote(PASSWORD, safe="")}
+
+
+# A statement parameter that stands for personal data (an e-mail address).
+PERSONAL = "jdoe-7Kq2x@example.org"
 
 
 def leaks(text: str) -> list[str]:
@@ -207,3 +212,50 @@ async def test_a_wrong_password_is_a_clear_error_that_shows_no_password(
         assert await right.ping(timeout=10)
     finally:
         await right.dispose()
+
+
+@pytest.mark.parametrize("shown", [False, True], ids=["default", "DATABASE_HIDE_PARAMETERS=false"])
+async def test_sql_parameters_stay_out_of_errors_and_logs_unless_asked(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, shown: bool
+) -> None:
+    """A duplicate id, with personal data in another column: neither the error's text, nor its traceback, nor
+    the package's log line, nor SQLAlchemy's echo shows that data, unless DATABASE_HIDE_PARAMETERS=false.
+
+    (The duplicate is the id, not the data: PostgreSQL's own DETAIL repeats the duplicate key's value, which
+    is the server's text, not a parameter.)"""
+    caplog.set_level(logging.INFO)
+    if shown:
+        monkeypatch.setenv("DATABASE_HIDE_PARAMETERS", "false")
+    database = Database(settings=DatabaseSettings(url=backend.url, echo=True))
+    await backend.execute(f"INSERT INTO {TABLE} (id, name) VALUES (1, 'taken')")
+    errors: list[DBAPIError] = []
+
+    async def endpoint(request: Request) -> Response:
+        statement = text(f"INSERT INTO {TABLE} (id, name) VALUES (:id, :name)")
+        try:
+            await current_session().execute(statement, {"id": 1, "name": PERSONAL})
+        except DBAPIError as exc:
+            errors.append(exc)
+            raise
+        raise AssertionError("not reached")  # pragma: no cover
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(DBSessionMiddleware, database=database)
+    async with client(app) as http:
+        assert (await http.get("/")).status_code == 409
+    await database.dispose()
+
+    [error] = errors
+    assert isinstance(error, IntegrityError)
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    package_log = [formatter.format(record) for record in caplog.records if record.name == "asgi_db_session"]
+    echo_log = [formatter.format(record) for record in caplog.records if record.name.startswith("sqlalchemy.engine")]
+    assert any("answered 409" in line for line in package_log)
+    assert any("INSERT INTO" in line for line in echo_log), "the echo log was not captured"
+    texts = {
+        "str(error)": str(error),
+        "traceback": "".join(traceback.format_exception(error)),
+        "echo log": "\n".join(echo_log),
+    }
+    assert {name: PERSONAL in shown_text for name, shown_text in texts.items()} == dict.fromkeys(texts, shown)
+    assert [line for line in package_log if PERSONAL in line] == []

@@ -337,3 +337,27 @@ async def test_engine_used_before_the_fork(postgresql_dsn: str, table: str, tmp_
     # report the connection objects it finds unclosed when they are collected: a ResourceWarning, shown only
     # because the servers run with PYTHONWARNINGS=default.
     assert [line for line in log_problems(server.log()) if "ResourceWarning" not in line] == []
+
+
+# --- what the server logs -----------------------------------------------------------------------------------
+
+# A statement parameter that stands for personal data (an e-mail address), to look for in the server's log.
+PERSONAL = "jdoe-7Kq2x@example.org"
+
+
+@pytest.mark.parametrize("hide_parameters", [None, "false"], ids=["default", "DATABASE_HIDE_PARAMETERS=false"])
+async def test_the_traceback_in_the_server_log_shows_sql_parameters_only_when_asked(
+    postgresql_dsn: str, table: str, tmp_path: Path, hide_parameters: str | None
+) -> None:
+    env = {} if hide_parameters is None else {"DATABASE_HIDE_PARAMETERS": hide_parameters}
+    port = free_port()
+    async with (
+        running(uvicorn_command(port), port, tmp_path, postgresql_dsn, table, env) as server,
+        httpx.AsyncClient(timeout=10, trust_env=False) as http,
+    ):
+        response = await http.post(f"{server.base_url}/fail-with", content=PERSONAL)
+        assert response.status_code == 500
+    log = server.log()
+    assert "Exception in ASGI application" in log
+    assert "division by zero" in log
+    assert (PERSONAL in log) is (hide_parameters == "false")
