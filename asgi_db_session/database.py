@@ -189,12 +189,13 @@ class Database:
             self._reapers.append(OrphanReaper(engine, settings.engine_url(), connect_args))
 
     def _connect(self, connect: Callable[..., Any], *cargs: Any, **cparams: Any) -> Any:
-        """Open a DBAPI connection; a refused or reset connect, or a refused login, becomes DatabaseUnavailableError.
+        """Open a DBAPI connection; a refused connect or login, or a missing database, is DatabaseUnavailableError.
 
         The driver raises the first two as plain OSErrors that SQLAlchemy passes on unwrapped, which would make
         them indistinguishable from any other network error in the app, and a 500 instead of a 503. A login the
-        server refuses (a wrong password, no pg_hba.conf line for the user: SQLSTATE class 28) would otherwise be
-        a 500 with asyncpg's error; the server's text names the user, never the password.
+        server refuses (a wrong password, no pg_hba.conf line for the user: SQLSTATE class 28), or a database name
+        it does not have (3D000), would otherwise be a 500 with asyncpg's error; the server's text names the user
+        or the database, never the password.
         """
         try:
             return connect(*cargs, **cparams)
@@ -205,10 +206,14 @@ class Database:
         except Exception as exc:
             # SQLAlchemy 2.1 wraps asyncpg's error in one of its adapter (asyncpg's as __cause__); 2.0 does not.
             refused = exc if isinstance(exc, asyncpg.PostgresError) else exc.__cause__
-            if not isinstance(refused, asyncpg.InvalidAuthorizationSpecificationError):
+            if isinstance(refused, asyncpg.InvalidAuthorizationSpecificationError):
+                reason = "the server refused the login"
+            elif isinstance(refused, asyncpg.InvalidCatalogNameError):
+                reason = "the server has no such database"
+            else:
                 raise
             raise DatabaseUnavailableError(
-                f"Cannot reach database {self.name!r} at {self.redacted_url}: the server refused the login: "
+                f"Cannot reach database {self.name!r} at {self.redacted_url}: {reason}: "
                 f"{type(refused).__name__}: {refused}"
             ) from exc
 
