@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Callable
-from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 from .exceptions import (
@@ -35,11 +34,11 @@ class SslFile(NamedTuple):
     source: str
 
 
-def default_root_cert() -> Path:
+def default_root_cert() -> str:
     """Where libpq (and asyncpg) look for the CA certificate when none is given and PGSSLROOTCERT is unset."""
     if os.name == "nt":
-        return Path(os.environ.get("APPDATA", "~")).expanduser() / "postgresql" / "root.crt"
-    return Path("~/.postgresql/root.crt").expanduser()
+        return os.path.join(os.environ.get("APPDATA", ""), "postgresql", "root.crt")
+    return os.path.join(os.path.expanduser("~"), ".postgresql", "root.crt")
 
 
 def asyncpg_ssl(
@@ -72,15 +71,15 @@ def asyncpg_ssl(
         # A client certificate, and the server's one checked as libpq would: against its default CA file.
         env = os.environ.get("PGSSLROOTCERT")
         root_cert = SslFile(env, "PGSSLROOTCERT") if env else None
-        if root_cert is None and default_root_cert().is_file():
-            root_cert = SslFile(str(default_root_cert()), "libpq's default")
+        if root_cert is None and os.path.isfile(default_root_cert()):
+            root_cert = SslFile(default_root_cert(), "libpq's default")
         if root_cert is None and mode in VERIFYING_MODES:
             raise ValueError(SSL_NO_ROOT_CERT.format(mode=mode, default=default_root_cert()))
     return _context(mode, root_cert, cert, key)
 
 
 def _libpq_finds_a_root_cert() -> bool:
-    return bool(os.environ.get("PGSSLROOTCERT")) or default_root_cert().is_file()
+    return bool(os.environ.get("PGSSLROOTCERT")) or os.path.isfile(default_root_cert())
 
 
 def _context(mode: str, root_cert: SslFile | None, cert: SslFile | None, key: SslFile | None) -> ssl.SSLContext:

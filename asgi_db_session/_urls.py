@@ -152,6 +152,8 @@ def redact_url(raw: str) -> str:
     ``@``, ``:`` or ``/`` that a parser would read as the start of the host (sqlalchemy #11027). A
     ``password=`` query parameter (which asyncpg accepts) is masked too.
     """
+    # First: a password given as a query parameter may hold an "@" or an encoded "&".
+    raw = _QUERY_PASSWORD.sub(r"\1" + MASK, raw)
     prefix, sep, rest = raw.partition("://")
     if not sep:
         prefix, rest = "", raw
@@ -161,11 +163,10 @@ def redact_url(raw: str) -> str:
         user, colon, _password = rest[:at].partition(":")
         credentials = f"{user}{':' + MASK if colon else ''}@"
         rest = rest[at + 1 :]
-    # The path as written: SQLAlchemy renders sqlite's :memory: as %3Amemory%3A.
+    # Path and query as written: SQLAlchemy renders sqlite's :memory: as %3Amemory%3A, a file path's / as %2F.
     host, slash, path = rest.partition("/")
     path, question, query = path.partition("?")
-    rest = host + slash + unquote(path) + question + query
-    return _QUERY_PASSWORD.sub(r"\1" + MASK, prefix + sep + credentials + rest)
+    return prefix + sep + credentials + host + slash + unquote(path) + question + unquote(query)
 
 
 def _parse(raw: str) -> URL:

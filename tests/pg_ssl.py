@@ -127,7 +127,8 @@ def _certificate(directory: Path, name: str, subject: str, extensions: str, issu
     )
 
 
-def _make_certificates(directory: Path) -> None:
+def make_certificates(directory: Path) -> None:
+    """The CA, the server's and the client's certificates and keys, and a second CA, in ``directory``."""
     _certificate(directory, "ca", "/CN=asgi_db_session test CA", CA_EXTENSIONS, None)
     _certificate(directory, "other_ca", "/CN=asgi_db_session other test CA", CA_EXTENSIONS, None)
     _certificate(directory, "server", "/CN=127.0.0.1", SERVER_EXTENSIONS, "ca")
@@ -171,7 +172,7 @@ def ssl_cluster() -> Iterator[SslCluster]:
     with tempfile.TemporaryDirectory(prefix="adbs-ssl-") as name:
         files = Path(name)
         try:
-            _make_certificates(files)
+            make_certificates(files)
             _create_configured(cluster, SSL_HBA, SETTINGS + SSL_SETTINGS.format(directory=config))
             _install_server_files(files, config)
             _run(cluster.ctl("start"))

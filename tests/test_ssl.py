@@ -7,7 +7,9 @@ connection that is not, so a test that gets in without SSL cannot pass by accide
 
 from __future__ import annotations
 
+import os
 import re
+import ssl
 from pathlib import Path
 
 import pytest
@@ -25,9 +27,10 @@ from asgi_db_session import (
     current_session,
     session_scope,
 )
+from asgi_db_session._ssl import SslFile, asyncpg_ssl, default_root_cert
 
 from .conftest import client
-from .pg_ssl import CERT_ROLE, SslCluster, ssl_cluster
+from .pg_ssl import CERT_ROLE, SslCluster, make_certificates, ssl_cluster
 
 __all__ = ["ssl_cluster"]  # the session fixture, imported so that pytest finds it for this module
 
@@ -164,3 +167,95 @@ async def test_sslmode_disable_is_refused_by_an_ssl_only_server(ssl_cluster: Ssl
 def test_the_shown_url_says_what_is_in_force(ssl_cluster: SslCluster) -> None:
     settings = DatabaseSettings(url=ssl_cluster.url(f"sslmode=verify-full&sslrootcert={ssl_cluster.ca_cert}"))
     assert f"sslmode=verify-full&sslrootcert={ssl_cluster.ca_cert}" in settings.redacted_url
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CA, server and client files of tests/pg_ssl.py, without a cluster: for what happens at construction."""
+    directory = tmp_path_factory.mktemp("certificates")
+    make_certificates(directory)
+    return directory
+
+
+def ssl_of(url: str, **settings: str) -> object:
+    return DatabaseSettings(url=url, **settings).engine_options().get("connect_args", {}).get("ssl")  # type: ignore[arg-type]
+
+
+HOST = "postgres://app@db.internal/shop"
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("sslmode=prefer&sslrootcert={ca}", "sslrootcert={ca} given, with sslmode=prefer: certificate files are"),
+        ("sslcert={cert}&sslkey={key}", "sslcert={cert} and sslkey={key} given, with no SSL mode"),
+        ("sslmode=require&sslkey={key}", "sslkey is given without sslcert"),
+        ("sslmode=verify-ca&sslrootcert=system", "sslrootcert=system trusts every CA of the system"),
+        ("sslmode=verify-full&sslcert={cert}&sslkey={key}", "checks the server's certificate against a CA"),
+        ("sslmode=verify-full&sslrootcert={key}", "The CA certificate file '{key}' (sslrootcert) cannot be used: "),
+        ("sslmode=require&sslcert={ca}&sslkey={key}", "The client certificate file '{ca}' (sslcert) cannot be used"),
+    ],
+)
+def test_ssl_parameters_that_do_not_fit_together_are_an_error_at_construction(
+    certificates: Path, query: str, message: str
+) -> None:
+    files = {"ca": certificates / "ca.crt", "cert": certificates / "client.crt", "key": certificates / "client.key"}
+    with pytest.raises(ValueError, match=re.escape(message.format(**files))):
+        DatabaseSettings(url=f"{HOST}?{query.format(**files)}")
+
+
+def test_a_root_cert_setting_without_a_mode_is_an_error(certificates: Path) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"DATABASE_SSL_ROOT_CERT={certificates / 'ca.crt'} given, with")):
+        DatabaseSettings(url=HOST, ssl_root_cert=str(certificates / "ca.crt"))
+
+
+def test_sslrootcert_system_means_verify_full_on_the_systems_cas() -> None:
+    for query in ("sslrootcert=system", "sslmode=verify-full&sslrootcert=system"):
+        context = ssl_of(f"{HOST}?{query}")
+        assert isinstance(context, ssl.SSLContext)
+        assert context.check_hostname
+        assert context.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_a_client_certificate_under_require_checks_the_server_as_libpq_would(
+    certificates: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """require with sslcert: the server's certificate is checked only where libpq finds a CA file."""
+    query = f"sslmode=require&sslcert={certificates / 'client.crt'}&sslkey={certificates / 'client.key'}"
+    unchecked = ssl_of(f"{HOST}?{query}")
+    assert isinstance(unchecked, ssl.SSLContext)
+    assert unchecked.verify_mode == ssl.CERT_NONE
+    monkeypatch.setenv("PGSSLROOTCERT", str(certificates / "ca.crt"))
+    checked = ssl_of(f"{HOST}?{query}")
+    assert isinstance(checked, ssl.SSLContext)
+    assert (checked.verify_mode, checked.check_hostname) == (ssl.CERT_REQUIRED, False)
+
+
+def test_verify_full_finds_libpqs_default_ca_files(certificates: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PGSSLROOTCERT or ~/.postgresql/root.crt: left to asyncpg, which reads them as libpq does."""
+    monkeypatch.setenv("PGSSLROOTCERT", str(certificates / "ca.crt"))
+    assert ssl_of(f"{HOST}?sslmode=verify-full") == "verify-full"
+    monkeypatch.delenv("PGSSLROOTCERT")
+    Path(default_root_cert()).parent.mkdir()
+    Path(default_root_cert()).write_bytes((certificates / "ca.crt").read_bytes())
+    assert ssl_of(f"{HOST}?sslmode=verify-full") == "verify-full"
+    query = f"sslmode=verify-full&sslcert={certificates / 'client.crt'}&sslkey={certificates / 'client.key'}"
+    context = ssl_of(f"{HOST}?{query}")
+    assert isinstance(context, ssl.SSLContext)
+    assert context.check_hostname
+
+
+def test_without_ssl_parameters_asyncpg_keeps_its_default() -> None:
+    assert ssl_of(HOST) is None
+    assert asyncpg_ssl(None, "DATABASE_SSL", None, None, None) is None
+    assert asyncpg_ssl("disable", "DATABASE_SSL", None, None, None) == "disable"
+    with pytest.raises(ValueError, match="sslrootcert=x given, with DATABASE_SSL=allow"):
+        asyncpg_ssl("allow", "DATABASE_SSL", SslFile("x", "sslrootcert"), None, None)
+
+
+def test_the_default_ca_file_on_windows_is_under_appdata(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("APPDATA", str(tmp_path))
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "name", "nt")
+        found = default_root_cert()
+    assert found == str(tmp_path / "postgresql" / "root.crt")
