@@ -63,23 +63,22 @@ def asyncpg_ssl(
         return mode
     if key is not None and cert is None:
         raise ValueError(SSL_KEY_WITHOUT_CERT)
-    if root_cert is None and cert is None:
-        if mode in VERIFYING_MODES and not _libpq_finds_a_root_cert():
-            raise ValueError(SSL_NO_ROOT_CERT.format(mode=mode, default=default_root_cert()))
-        return mode  # asyncpg reads PGSSLROOTCERT or ~/.postgresql/root.crt, as libpq does
     if root_cert is None:
-        # A client certificate, and the server's one checked as libpq would: against its default CA file.
-        env = os.environ.get("PGSSLROOTCERT")
-        root_cert = SslFile(env, "PGSSLROOTCERT") if env else None
-        if root_cert is None and os.path.isfile(default_root_cert()):
-            root_cert = SslFile(default_root_cert(), "libpq's default")
+        root_cert = _libpq_default_root_cert()
         if root_cert is None and mode in VERIFYING_MODES:
             raise ValueError(SSL_NO_ROOT_CERT.format(mode=mode, default=default_root_cert()))
+        if cert is None:
+            return mode  # asyncpg reads that same default CA file (and its CRL) as libpq does
     return _context(mode, root_cert, cert, key)
 
 
-def _libpq_finds_a_root_cert() -> bool:
-    return bool(os.environ.get("PGSSLROOTCERT")) or os.path.isfile(default_root_cert())
+def _libpq_default_root_cert() -> SslFile | None:
+    """The CA file libpq uses when none is given: PGSSLROOTCERT, else ~/.postgresql/root.crt where it exists."""
+    env = os.environ.get("PGSSLROOTCERT")
+    if env:
+        return SslFile(env, "PGSSLROOTCERT")
+    default = default_root_cert()
+    return SslFile(default, "libpq's default") if os.path.isfile(default) else None
 
 
 def _context(mode: str, root_cert: SslFile | None, cert: SslFile | None, key: SslFile | None) -> ssl.SSLContext:

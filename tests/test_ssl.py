@@ -158,10 +158,12 @@ async def test_sslmode_disable_is_refused_by_an_ssl_only_server(ssl_cluster: Ssl
     """The other side of every test here: without SSL this cluster lets nobody in."""
     database = Database(ssl_cluster.url("sslmode=disable"), name="plaintext")
     try:
-        with pytest.raises(DatabaseUnavailableError, match="no pg_hba.conf entry .* no encryption"):
+        with pytest.raises(DatabaseUnavailableError) as caught:
             await database.check(timeout=10)
     finally:
         await database.dispose()
+    assert "no pg_hba.conf entry" in str(caught.value)
+    assert "no encryption" in str(caught.value)
 
 
 def test_the_shown_url_says_what_is_in_force(ssl_cluster: SslCluster) -> None:
