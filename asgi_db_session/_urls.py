@@ -34,7 +34,7 @@ BACKEND_ALIASES = {"postgres": "postgresql"}
 
 EXAMPLE_URL = "postgresql+asyncpg://user:password@host:5432/dbname"
 MASK = "***"
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&][a-z_]*password=)[^&]*", re.IGNORECASE)
 
 # libpq's sslmode values, weakest first; asyncpg takes them as its ``ssl`` argument.
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -150,7 +150,7 @@ def redact_url(raw: str) -> str:
 
     Splits at the last ``@`` rather than trusting a URL parser, because a password may hold an unencoded
     ``@``, ``:`` or ``/`` that a parser would read as the start of the host (sqlalchemy #11027). A
-    ``password=`` query parameter (which asyncpg accepts) is masked too.
+    ``password=`` query parameter (which asyncpg accepts) is masked too, and libpq's ``sslpassword=``.
     """
     # First: a password given as a query parameter may hold an "@" or an encoded "&".
     raw = _QUERY_PASSWORD.sub(r"\1" + MASK, raw)

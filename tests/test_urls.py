@@ -225,3 +225,11 @@ async def test_a_database_that_does_not_exist_is_a_503_and_a_readable_check_fail
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
     await database.dispose()
+
+
+def test_a_password_in_any_query_parameter_stays_hidden() -> None:
+    """sslpassword= (a libpq parameter asyncpg takes from a DSN only) is refused, and its value not shown."""
+    with pytest.raises(ValueError, match="'sslpassword'") as caught:
+        DatabaseSettings(url="postgresql://app@db.internal/shop?sslpassword=Zx9q7WvPw&sslmode=require")
+    assert "Zx9q7WvPw" not in str(caught.value)
+    assert "sslpassword=***" in str(caught.value)
