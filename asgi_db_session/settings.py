@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ssl import SSLContext
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -188,7 +189,8 @@ class DatabaseSettings(BaseSettings):
         args: dict[str, Any] = {}
         if url.drivername == "postgresql+asyncpg":
             assert self.url is not None
-            query = asyncpg_query(make_url(self.url))
+            given = make_url(self.url)  # with the query as written
+            query = asyncpg_query(given)
             server_settings = {}
             if self.application_name is not None:
                 server_settings["application_name"] = self.application_name
@@ -205,12 +207,12 @@ class DatabaseSettings(BaseSettings):
                 args["statement_cache_size"] = 0
             if self.connect_timeout is not None:
                 args["timeout"] = self.connect_timeout
-            self._add_url_arguments(query, args)
+            self._add_url_arguments(given, query, args)
         elif self.connect_timeout is not None:
             args["timeout"] = self.connect_timeout
         return args
 
-    def _add_url_arguments(self, query: AsyncpgQuery, args: dict[str, Any]) -> None:
+    def _add_url_arguments(self, given: URL, query: AsyncpgQuery, args: dict[str, Any]) -> None:
         """Add the URL's asyncpg numbers and flags to ``args``; ValueError where a setting says otherwise."""
         settings = {
             "timeout": ("DATABASE_CONNECT_TIMEOUT", self.connect_timeout),
@@ -222,14 +224,14 @@ class DatabaseSettings(BaseSettings):
                 raise ValueError(
                     URL_VALUE_DISAGREES_WITH_SETTING.format(
                         name=name,
-                        value=make_url(self.url or "").query[name],
+                        value=given.query[name],
                         setting=setting,
                         setting_value=setting_value,
                     )
                 )
             args[name] = value
 
-    def _ssl_argument(self, query: AsyncpgQuery) -> Any:
+    def _ssl_argument(self, query: AsyncpgQuery) -> str | SSLContext | None:
         """asyncpg's ``ssl`` argument from DATABASE_SSL, DATABASE_SSL_ROOT_CERT and the URL's SSL parameters."""
         mode: str | None = self.ssl
         mode_source = "DATABASE_SSL"
