@@ -43,7 +43,7 @@ SSL_FILE_PARAMETERS = ("sslrootcert", "sslcert", "sslkey")
 # the asyncpg dialect (prepared_statement_cache_size; host and port, for several hosts).
 _SQLALCHEMY_PARAMETERS = frozenset({"plugin", "async_fallback", "prepared_statement_cache_size", "host", "port"})
 # asyncpg.connect() keywords that take a Python object, which a URL's text cannot be.
-_OBJECT_KEYWORDS = frozenset({"dsn", "loop", "connection_class", "record_class", "server_settings", "ssl"})
+_OBJECT_KEYWORDS = frozenset({"dsn", "loop", "connection_class", "record_class", "server_settings"})
 # asyncpg.connect() keywords that take a number or a flag: the dialect passes the URL's text on unconverted,
 # which asyncpg fails on at first use ("'<' not supported between instances of 'str' and 'int'").
 _NUMBERS: dict[str, tuple[Callable[[str], Any], str]] = {
@@ -72,7 +72,7 @@ _INSTEAD = {
     "sslsni": _FROM_DSN_ONLY,
     "ssl_min_protocol_version": _FROM_DSN_ONLY,
     "ssl_max_protocol_version": _FROM_DSN_ONLY,
-    **dict.fromkeys(_OBJECT_KEYWORDS - {"ssl"}, "it takes a Python object, which a URL cannot hold: pass connect_args"),
+    **dict.fromkeys(_OBJECT_KEYWORDS, "it takes a Python object, which a URL cannot hold: pass it in connect_args"),
 }
 _SSL_MODE_VALUES = (
     f"one of {', '.join(SSL_MODES)} (libpq's sslmode: sslmode=require encrypts; verify-full also checks the "

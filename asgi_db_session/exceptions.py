@@ -51,10 +51,11 @@ UNPARSEABLE_URL = (
     ": as %3A, / as %2F, @ as %40 (urllib.parse.quote(password, safe=''))."
 )
 UNKNOWN_URL_PARAMETER = (
-    "The database URL {url!r} has the query parameter {name!r}, which neither asyncpg nor SQLAlchemy's asyncpg "
-    "dialect takes: {advice}."
+    "The database URL {url!r} has the query parameter {name!r}, which asyncpg cannot take: {advice}."
 )
-UNKNOWN_URL_PARAMETER_ADVICE = "check its spelling, or remove it"
+UNKNOWN_URL_PARAMETER_ADVICE = (
+    "neither asyncpg nor SQLAlchemy's asyncpg dialect knows it; check its spelling, or remove it"
+)
 BAD_URL_VALUE = "The database URL {url!r} has {name}={value}, and {name} takes {expected}."
 SSL_MODES_DISAGREE = "The database URL {url!r} has ssl={ssl} and sslmode={sslmode}: they disagree; keep one of them."
 SETTING_DISAGREES_WITH_URL = (
