@@ -119,6 +119,7 @@ def test_a_setting_that_agrees_with_the_url_is_fine() -> None:
         ("ssl=true", "ssl=true", "sslmode=require"),
         ("sslmode=sometimes", "sslmode=sometimes", "verify-full"),
         ("statement_cache_size=none", "statement_cache_size=none", "a whole number"),
+        ("direct_tls=maybe", "direct_tls=maybe", "true or false"),
     ],
 )
 def test_an_unknown_or_unusable_query_parameter_is_an_error_naming_it(query: str, named: str, advice: str) -> None:
@@ -178,6 +179,7 @@ def test_a_number_in_the_url_and_its_setting_that_disagree_are_an_error() -> Non
 def test_other_drivers_keep_their_own_query_parameters(tmp_path: Path) -> None:
     settings = DatabaseSettings(url=f"sqlite:///{tmp_path}/app.db?timeout=3&check_same_thread=false")
     assert settings.engine_url().query == {"timeout": "3", "check_same_thread": "false"}
+    assert settings.model_copy(update={"connect_timeout": 2.0}).engine_options()["connect_args"] == {"timeout": 2.0}
 
 
 def test_the_unparseable_url_message_says_what_to_percent_encode() -> None:
