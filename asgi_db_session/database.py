@@ -80,12 +80,14 @@ def _tracking_writes(sync_class: type[Session]) -> type[Session]:
 
 
 class _ConnectWrapper:
-    """An engine's connect: a refused or reset connect, or a refused login, becomes DatabaseUnavailableError.
+    """An engine's connect: a refused or reset connect, a refused login or a missing database becomes
+    DatabaseUnavailableError.
 
     The driver raises the first two as plain OSErrors that SQLAlchemy passes on unwrapped, which would make them
     indistinguishable from any other network error in the app, and a 500 instead of a 503. A login the server
-    refuses (a wrong password, no pg_hba.conf line for the user: SQLSTATE class 28) would otherwise be a 500
-    with asyncpg's error; the server's text names the user, never the password.
+    refuses (a wrong password, no pg_hba.conf line for the user: SQLSTATE class 28), or a database name it does
+    not have (3D000), would otherwise be a 500 with asyncpg's error; the server's text names the user or the
+    database, never the password.
 
     One per engine, however many Databases are built on it (a session-scoped engine and an app per test). The
     error names the newest of them that still exists, as get_database() finds the newest Database of a name; it
@@ -121,11 +123,15 @@ class _ConnectWrapper:
         except Exception as exc:
             # SQLAlchemy 2.1 wraps asyncpg's error in one of its adapter (asyncpg's as __cause__); 2.0 does not.
             refused = exc if isinstance(exc, asyncpg.PostgresError) else exc.__cause__
-            if not isinstance(refused, asyncpg.InvalidAuthorizationSpecificationError):
+            if isinstance(refused, asyncpg.InvalidAuthorizationSpecificationError):
+                reason = "the server refused the login"
+            elif isinstance(refused, asyncpg.InvalidCatalogNameError):
+                reason = "the server has no such database"
+            else:
                 raise
             raise DatabaseUnavailableError(
-                f"Cannot reach database {self._database_name()!r} at {self._redacted_url}: the server refused the "
-                f"login: {type(refused).__name__}: {refused}"
+                f"Cannot reach database {self._database_name()!r} at {self._redacted_url}: {reason}: "
+                f"{type(refused).__name__}: {refused}"
             ) from exc
 
 

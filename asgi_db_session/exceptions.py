@@ -60,6 +60,42 @@ COMMIT_FAILED_LATE = (
     "started (streaming body or background task) was rolled back and the client's response was cut short."
 )
 
+UNPARSEABLE_URL = (
+    "The database URL cannot be parsed (its text is not shown, as it may hold a password); write one like "
+    "{example} or sqlite+aiosqlite:///./app.db, and percent-encode a password's special characters: % as %25, "
+    ": as %3A, / as %2F, @ as %40 (urllib.parse.quote(password, safe=''))."
+)
+UNKNOWN_URL_PARAMETER = (
+    "The database URL {url!r} has the query parameter {name!r}, which asyncpg cannot take: {advice}."
+)
+UNKNOWN_URL_PARAMETER_ADVICE = (
+    "neither asyncpg nor SQLAlchemy's asyncpg dialect knows it; check its spelling, or remove it"
+)
+BAD_URL_VALUE = "The database URL {url!r} has {name}={value}, and {name} takes {expected}."
+SSL_MODES_DISAGREE = "The database URL {url!r} has ssl={ssl} and sslmode={sslmode}: they disagree; keep one of them."
+SETTING_DISAGREES_WITH_URL = (
+    "{setting}={setting_value} and {name}={value} in the URL {url!r} disagree: remove one of them, or make them "
+    "the same."
+)
+URL_VALUE_DISAGREES_WITH_SETTING = (
+    "{name}={value} in the URL and {setting}={setting_value} disagree: remove one of them, or make them the same."
+)
+SSL_FILE_WITHOUT_MODE = (
+    "{files} given, with {mode}: certificate files are used only by sslmode=require, verify-ca or verify-full. "
+    "Set DATABASE_SSL=verify-full (or sslmode=verify-full in the URL) to have the server's certificate checked."
+)
+SSL_KEY_WITHOUT_CERT = "sslkey is given without sslcert: the client certificate that the key belongs to is missing."
+SSL_NO_ROOT_CERT = (
+    "SSL mode {mode} checks the server's certificate against a CA certificate, and none is given: set "
+    "DATABASE_SSL_ROOT_CERT=/path/to/ca.crt (or sslrootcert= in the URL; sslrootcert=system uses the system's CAs). "
+    "libpq's PGSSLROOTCERT and {default} are read too, and neither is there."
+)
+SSL_SYSTEM_NEEDS_VERIFY_FULL = (
+    "sslrootcert=system trusts every CA of the system, so it needs the host name checked too: use sslmode="
+    "verify-full (got {mode})."
+)
+SSL_FILE_UNREADABLE = "The {what} file {path!r} ({source}) cannot be used: {reason}."
+
 
 class NoSessionError(RuntimeError):
     """current_session() was called where no session scope is active."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ssl import SSLContext
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -10,7 +11,9 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.pool import QueuePool
 
-from ._urls import redact_url, to_async_url
+from ._ssl import SslFile, asyncpg_ssl
+from ._urls import AsyncpgQuery, asyncpg_query, redact_url, to_async_url
+from .exceptions import SETTING_DISAGREES_WITH_URL, URL_VALUE_DISAGREES_WITH_SETTING
 
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
@@ -19,7 +22,14 @@ NO_URL = (
     "DATABASE_URL=postgresql+asyncpg://user:password@host:5432/dbname) or pass url= to DBSessionMiddleware/Database."
 )
 ASYNCPG_ONLY = "{field} (DATABASE_{env}) is supported on PostgreSQL through asyncpg only, and the URL is {url!r}."
-_ASYNCPG_ONLY_FIELDS = ("application_name", "statement_timeout", "client_connection_check_interval", "ssl", "pgbouncer")
+_ASYNCPG_ONLY_FIELDS = (
+    "application_name",
+    "statement_timeout",
+    "client_connection_check_interval",
+    "ssl",
+    "ssl_root_cert",
+    "pgbouncer",
+)
 
 
 def settings_from_environment(**given: Any) -> DatabaseSettings:
@@ -80,7 +90,10 @@ class DatabaseSettings(BaseSettings):
     application_name: str | None = None
     """Shown in ``pg_stat_activity.application_name`` (asyncpg only)."""
     ssl: SslMode | None = None
-    """libpq-style SSL mode passed to asyncpg."""
+    """libpq's SSL mode (asyncpg only); the URL's ``sslmode=`` (or ``ssl=``) says the same, and the two must agree."""
+    ssl_root_cert: str | None = None
+    """The CA certificate file (PEM) that ``verify-ca`` and ``verify-full`` check the server's certificate against;
+    libpq's ``sslrootcert`` (``system``: the system's trusted CAs). asyncpg only."""
     pgbouncer: bool = False
     """Behind PgBouncer in transaction mode: turn off asyncpg's and SQLAlchemy's prepared statement caches."""
     check_on_startup: bool = False
@@ -116,6 +129,14 @@ class DatabaseSettings(BaseSettings):
                 raise ValueError(ASYNCPG_ONLY.format(field=field, env=field.upper(), url=self.redacted_url))
         return self
 
+    @model_validator(mode="after")
+    def _connect_arguments_fit_together(self) -> DatabaseSettings:
+        # What the URL's query and the settings both say must agree, and certificate files must be readable:
+        # found out here, at construction, rather than at every connect.
+        if self.url is not None:
+            self._connect_args(make_url(self.url))
+        return self
+
     def __repr_args__(self) -> Any:
         # getattr: repr() also runs on an instance whose validation failed, when a traceback shows locals.
         url = getattr(self, "url", None)
@@ -135,8 +156,11 @@ class DatabaseSettings(BaseSettings):
         if self.url is None:
             raise ValueError(NO_URL)
         url = make_url(self.url)
-        if self.pgbouncer and url.drivername == "postgresql+asyncpg":
-            url = url.update_query_dict({"prepared_statement_cache_size": "0"})
+        if url.drivername == "postgresql+asyncpg":
+            # Without what asyncpg does not take from a URL; _connect_args passes it on converted.
+            url = asyncpg_query(url).url
+            if self.pgbouncer:
+                url = url.update_query_dict({"prepared_statement_cache_size": "0"})
         return url
 
     def engine_options(self) -> dict[str, Any]:
@@ -168,6 +192,9 @@ class DatabaseSettings(BaseSettings):
     def _connect_args(self, url: URL) -> dict[str, Any]:
         args: dict[str, Any] = {}
         if url.drivername == "postgresql+asyncpg":
+            assert self.url is not None
+            given = make_url(self.url)  # with the query as written
+            query = asyncpg_query(given)
             server_settings = {}
             if self.application_name is not None:
                 server_settings["application_name"] = self.application_name
@@ -177,10 +204,69 @@ class DatabaseSettings(BaseSettings):
                 server_settings["client_connection_check_interval"] = str(self.client_connection_check_interval)
             if server_settings:
                 args["server_settings"] = server_settings
-            if self.ssl is not None:
-                args["ssl"] = self.ssl
+            ssl = self._ssl_argument(query)
+            if ssl is not None:
+                args["ssl"] = ssl
             if self.pgbouncer:
                 args["statement_cache_size"] = 0
-        if self.connect_timeout is not None:
+            if self.connect_timeout is not None:
+                args["timeout"] = self.connect_timeout
+            self._add_url_arguments(given, query, args)
+        elif self.connect_timeout is not None:
             args["timeout"] = self.connect_timeout
         return args
+
+    def _add_url_arguments(self, given: URL, query: AsyncpgQuery, args: dict[str, Any]) -> None:
+        """Add the URL's asyncpg numbers and flags to ``args``; ValueError where a setting says otherwise."""
+        settings = {
+            "timeout": ("DATABASE_CONNECT_TIMEOUT", self.connect_timeout),
+            "statement_cache_size": ("DATABASE_PGBOUNCER", "true"),
+        }
+        for name, value in query.connect_args.items():
+            if name in args and args[name] != value:
+                setting, setting_value = settings[name]
+                raise ValueError(
+                    URL_VALUE_DISAGREES_WITH_SETTING.format(
+                        name=name,
+                        value=given.query[name],
+                        setting=setting,
+                        setting_value=setting_value,
+                    )
+                )
+            args[name] = value
+
+    def _ssl_argument(self, query: AsyncpgQuery) -> str | SSLContext | None:
+        """asyncpg's ``ssl`` argument from DATABASE_SSL, DATABASE_SSL_ROOT_CERT and the URL's SSL parameters."""
+        mode: str | None = self.ssl
+        mode_source = "DATABASE_SSL"
+        if query.ssl_mode is not None:
+            if mode is not None and mode != query.ssl_mode:
+                raise ValueError(
+                    SETTING_DISAGREES_WITH_URL.format(
+                        setting=mode_source,
+                        setting_value=mode,
+                        name=query.ssl_mode_name,
+                        value=query.ssl_mode,
+                        url=self.redacted_url,
+                    )
+                )
+            mode, mode_source = query.ssl_mode, query.ssl_mode_name
+        root_cert = None if self.ssl_root_cert is None else SslFile(self.ssl_root_cert, "DATABASE_SSL_ROOT_CERT")
+        url_root_cert = query.ssl_files.get("sslrootcert")
+        if url_root_cert is not None:
+            if root_cert is not None and root_cert.path != url_root_cert:
+                raise ValueError(
+                    SETTING_DISAGREES_WITH_URL.format(
+                        setting=root_cert.source,
+                        setting_value=root_cert.path,
+                        name="sslrootcert",
+                        value=url_root_cert,
+                        url=self.redacted_url,
+                    )
+                )
+            root_cert = SslFile(url_root_cert, "sslrootcert")
+        cert, key = (
+            None if name not in query.ssl_files else SslFile(query.ssl_files[name], name)
+            for name in ("sslcert", "sslkey")
+        )
+        return asyncpg_ssl(mode, mode_source, root_cert, cert, key)

@@ -79,3 +79,18 @@ async def test_a_wrong_password_stops_uvicorn(pg_cluster: Cluster) -> None:
     assert f"postgresql+asyncpg://{PASSWORD_ROLE}:***@127.0.0.1:{pg_cluster.port}/" in output
     assert f'password authentication failed for user "{PASSWORD_ROLE}"' in output
     assert sorted(piece for piece in pieces(wrong, ROLE_PASSWORD) if piece in output) == []
+
+
+async def test_a_database_that_does_not_exist_stops_uvicorn(pg_cluster: Cluster) -> None:
+    """SQLSTATE 3D000, like a wrong port or user: a readable reason, no traceback."""
+    status, output = await run_until_exit(pg_cluster.url.rsplit("/", 1)[0] + "/adbs_missing")
+
+    assert status != 0
+    assert "Application startup failed. Exiting." in output
+    assert (
+        f"Cannot reach database 'default' at postgresql+asyncpg://postgres@127.0.0.1:{pg_cluster.port}/adbs_missing: "
+        'the server has no such database: InvalidCatalogNameError: database "adbs_missing" does not exist. '
+        "Check DATABASE_URL"
+    ) in output
+    assert "Traceback" not in output
+    assert "Uvicorn running on" not in output
