@@ -288,6 +288,35 @@ async def test_an_id_no_note_has_is_404(any_demo: httpx.AsyncClient, note_id: st
         assert response.json() == {"detail": f"Note {note_id} does not exist."}
 
 
+def old_table(backend: Backend) -> str:
+    """The notes table as the demo made it before its title was unique."""
+    key = "SERIAL PRIMARY KEY" if backend.name == "postgresql" else "INTEGER PRIMARY KEY"
+    return f"CREATE TABLE notes (id {key}, title VARCHAR(200), body TEXT, created_at TIMESTAMP WITH TIME ZONE)"
+
+
+@pytest.mark.parametrize("demo", sorted(DEMOS))
+async def test_a_notes_table_without_the_unique_title_stops_the_startup(notes_db: Backend, demo: str) -> None:
+    # As an earlier version of the demo made it: there the 409 the README shows would be a second 201.
+    await notes_db.execute(old_table(notes_db))
+    app = DEMOS[demo](notes_db.url)
+    try:
+        async with running(app) as channel:
+            pass
+    finally:
+        await get_database().dispose()  # a server exits after a failed startup; this test goes on
+    assert channel.sent[0]["type"] == "lifespan.startup.failed"
+    assert "has no unique constraint on title" in channel.sent[0]["message"]
+    assert "Drop the table" in channel.sent[0]["message"]
+
+
+async def test_a_notes_table_with_a_unique_index_on_title_will_do(notes_db: Backend) -> None:
+    await notes_db.execute(old_table(notes_db))
+    await notes_db.execute("CREATE UNIQUE INDEX notes_title ON notes (title)")
+    async with serving(create_app(notes_db.url)) as http:
+        assert (await http.post("/notes", json={"title": "once"})).status_code == 201
+        assert (await http.post("/notes", json={"title": "once"})).status_code == 409
+
+
 async def test_health(http: httpx.AsyncClient) -> None:
     response = await http.get("/health")
     assert response.status_code == 200
