@@ -1,7 +1,7 @@
 """A small notes API on Starlette: routes call services, services call repositories, and only the
 repositories touch the database, through ``current_session()``.
 
-Run it with ``python -m examples.notes`` (``DATABASE_URL``, ``HOST`` and ``PORT`` from the environment).
+Run it with ``python -m examples.notes [--host HOST] [--port PORT]`` (``DATABASE_URL`` from the environment).
 """
 
 from .app import create_app

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC
 from typing import Any
 
 from starlette.requests import Request
@@ -12,15 +11,14 @@ from starlette.routing import Route
 from asgi_db_session import Database
 
 from . import services
-from .models import Note
+from .models import Note, as_utc
+
+MALFORMED_JSON = "the body is not valid JSON"
 
 
 def note_json(note: Note) -> dict[str, Any]:
-    created_at = note.created_at
-    if created_at.tzinfo is None:
-        # SQLite stores no UTC offset; the app writes UTC only.
-        created_at = created_at.replace(tzinfo=UTC)
-    return {"id": note.id, "title": note.title, "body": note.body, "created_at": created_at.isoformat()}
+    created_at = as_utc(note.created_at).isoformat()
+    return {"id": note.id, "title": note.title, "body": note.body, "created_at": created_at}
 
 
 async def list_notes(request: Request) -> Response:
@@ -30,8 +28,8 @@ async def list_notes(request: Request) -> Response:
 async def create_note(request: Request) -> Response:
     try:
         data = await request.json()
-    except ValueError:
-        data = None  # malformed JSON is rejected by the service like any other body that is not an object
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays or objects nested too deep to parse
+        return JSONResponse({"detail": {"request": f"{MALFORMED_JSON}: {exc}"}}, status_code=400)
     note = await services.create_note(data)
     return JSONResponse(note_json(note), status_code=201)
 

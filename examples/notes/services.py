@@ -1,11 +1,15 @@
-"""What the notes API does, independent of HTTP: validation, and an error for a note that does not exist."""
+"""What the notes API does, independent of HTTP: validation, and an error for a note that does not exist.
+
+Input is checked here, before the database sees it, so that what the database would refuse (a NUL in text on
+PostgreSQL, an id beyond its integer column) is a 4xx for the client rather than a database error and a 500.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 from . import repositories
-from .models import TITLE_MAX_LENGTH, Note
+from .models import NOTE_ID_MAX, TITLE_MAX_LENGTH, Note
 
 
 class NoteNotFoundError(LookupError):
@@ -22,8 +26,21 @@ class InvalidNoteError(ValueError):
         self.errors = dict(errors)
 
 
+def text_problem(text: str) -> str | None:
+    """What makes ``text`` impossible to store, or None: a NUL (PostgreSQL refuses it in text columns) or a
+    lone surrogate (JSON's ``"\\ud800"``: it has no UTF-8 encoding, so no driver can send it)."""
+    if "\x00" in text:
+        return "must not contain the NUL character (\\u0000)"
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return "must not contain a lone surrogate (\\ud800-\\udfff): it is not a character"
+    return None
+
+
 async def create_note(data: object) -> Note:
-    """Create a note from ``{"title": str, "body": str}``; ``body`` may be left out."""
+    """Create a note from ``{"title": str, "body": str}``; ``body`` may be left out. A title already taken
+    raises the database's unique violation (IntegrityError) at the flush."""
     if not isinstance(data, Mapping):
         raise InvalidNoteError({"request": 'expected a JSON object such as {"title": "...", "body": "..."}'})
     title = data.get("title")
@@ -34,8 +51,12 @@ async def create_note(data: object) -> Note:
         errors["title"] = "required: a non-empty string"
     elif len(title) > TITLE_MAX_LENGTH:
         errors["title"] = f"at most {TITLE_MAX_LENGTH} characters"
+    elif problem := text_problem(title):
+        errors["title"] = problem
     if not isinstance(body, str):
         errors["body"] = "must be a string"
+    elif problem := text_problem(body):
+        errors["body"] = problem
     if errors:
         raise InvalidNoteError(errors)
     return await repositories.add_note(title, body)
@@ -46,6 +67,8 @@ async def list_notes() -> Sequence[Note]:
 
 
 async def get_note(note_id: int) -> Note:
+    if not 0 < note_id <= NOTE_ID_MAX:
+        raise NoteNotFoundError(note_id)  # no note has it, and PostgreSQL would refuse it in the query
     note = await repositories.get_note(note_id)
     if note is None:
         raise NoteNotFoundError(note_id)
