@@ -80,7 +80,9 @@ class DBSessionMiddleware:
     """Give every HTTP request and WebSocket connection one AsyncSession, reached with current_session().
 
     Pass at most one engine source: ``database``, ``engine``, ``url`` or ``settings``; with none, the
-    database is configured from ``DATABASE_*`` environment variables. The session is created on the first
+    database is configured from ``DATABASE_*`` environment variables. Two sources raise ValueError here; a
+    missing or invalid setting is reported at lifespan startup (``lifespan.startup.failed``, which stops the
+    server), and raised for every request under a server that runs no lifespan. The session is created on the first
     ``current_session()`` call of a request, so a request that never asks for one costs no connection.
 
     ``commit_on_success=True`` commits before the response starts when its status is below 400, and turns a
@@ -124,20 +126,30 @@ class DBSessionMiddleware:
                 f"DBSessionMiddleware takes one engine source, got {' and '.join(given)}: "
                 "pass only one of database=, engine=, url=, settings=."
             )
+        self.app = app
+        self._settings_error: str | None = None
         if database is None:
-            database = Database(
-                url,
-                name=name or "default",
-                engine=engine,
-                settings=settings,
-                commit_on_success=bool(commit_on_success),
-                session_options=session_options,
-            )
+            try:
+                database = Database(
+                    url,
+                    name=name or "default",
+                    engine=engine,
+                    settings=settings,
+                    commit_on_success=bool(commit_on_success),
+                    session_options=session_options,
+                )
+            except ValueError as exc:
+                # A missing or invalid setting (no DATABASE_URL, DATABASE_POOL_SIZE=abc, a sync driver): the
+                # arguments were checked above. Starlette builds its middleware inside the server's first ASGI
+                # call, the lifespan startup, and an exception from there reads to uvicorn's --lifespan auto,
+                # hypercorn and granian as "no lifespan support": they would serve, a 500 to every request.
+                # Kept, and reported at lifespan startup, where a server stops on it (see _refuse).
+                self._settings_error = str(exc)
+                return
         elif session_options is not None:
             raise ValueError("With database=, give session_options= to Database(...) instead of the middleware.")
         elif name is not None and name != database.name:
             raise ValueError(f"name={name!r} does not match the name of database= ({database.name!r}); drop one.")
-        self.app = app
         self.database = database
         self.commit_on_success = database.commit_on_success if commit_on_success is None else commit_on_success
         self.dispose_on_shutdown = dispose_on_shutdown
@@ -151,9 +163,15 @@ class DBSessionMiddleware:
         self._stats_var = stats_var(database.name)
 
     def __repr__(self) -> str:
+        if self._settings_error is not None:
+            return f"DBSessionMiddleware(unusable: {self._settings_error})"
         return f"DBSessionMiddleware(database={self.database!r}, commit_on_success={self.commit_on_success})"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        settings_error = self._settings_error
+        if settings_error is not None:
+            await self._refuse(settings_error, scope, receive, send)
+            return
         scope_type = scope["type"]
         if scope_type != "http" and scope_type != "websocket":
             if scope_type == "lifespan":
@@ -286,6 +304,16 @@ class DBSessionMiddleware:
         for message in response.messages():
             await send(message)
         return True
+
+    async def _refuse(self, message: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """Report the settings error found at construction: as ``lifespan.startup.failed``, which stops the
+        server; raised for anything else (a request, under a server that runs no lifespan)."""
+        # The app's own lifespan does not run: it would start what no shutdown will stop, as the server sends
+        # no lifespan.shutdown after a failed startup.
+        if scope["type"] == "lifespan" and (await receive())["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.failed", "message": message})
+            return
+        raise ValueError(message)  # a new one each time: one exception shared by requests would grow its traceback
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Let the app's lifespan run unchanged; check the database at startup, dispose it at shutdown."""

@@ -1,7 +1,8 @@
-"""Run tests/server_app.py under a real server (uvicorn, or gunicorn with uvicorn workers) in a subprocess.
+"""Run an app (tests/server_app.py by default) under a real server in a subprocess: uvicorn, gunicorn with
+uvicorn workers, hypercorn or granian.
 
-Used by tests/test_server.py, tests/test_soak.py and benchmarks/soak.py. Everything listens on and connects
-to 127.0.0.1 only.
+Used by tests/test_server.py, tests/test_startup_process.py, tests/test_soak.py and benchmarks/soak.py.
+Everything listens on and connects to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -26,6 +28,8 @@ import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP = "tests.server_app:app"
+# The README's quick start: app.add_middleware(DBSessionMiddleware), everything from DATABASE_*.
+README_APP = "tests.readme_app:app"
 CREATE_TABLE = "CREATE TABLE IF NOT EXISTS {table} (id BIGSERIAL PRIMARY KEY, name TEXT NOT NULL)"
 # Server log lines that mean something went wrong, whatever the test was about: a traceback, an error logged
 # by uvicorn or gunicorn, any warning (SQLAlchemy's "garbage collector is trying to clean up non-checked-in
@@ -45,6 +49,13 @@ LOG_NOISE = re.compile(
 )
 
 
+def kill_group(process: asyncio.subprocess.Process) -> None:
+    """SIGKILL ``process`` and its process group (started with ``start_new_session=True``): a supervisor
+    killed alone would leave its workers running, holding the port and the output pipe."""
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -52,11 +63,22 @@ def free_port() -> int:
         return port
 
 
-def uvicorn_command(port: int, *, workers: int | None = None) -> list[str]:
-    command = [sys.executable, "-m", "uvicorn", APP, "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+def uvicorn_command(port: int, *, workers: int | None = None, app: str = APP, lifespan: str | None = None) -> list[str]:
+    command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
     if workers is not None:
         command += ["--workers", str(workers)]
+    if lifespan is not None:
+        command += ["--lifespan", lifespan]
     return command
+
+
+def hypercorn_command(port: int, *, app: str = APP, workers: int | None = None) -> list[str]:
+    command = [sys.executable, "-m", "hypercorn", app, "--bind", f"127.0.0.1:{port}"]
+    return command if workers is None else [*command, "--workers", str(workers)]
+
+
+def granian_command(port: int, *, app: str = APP) -> list[str]:
+    return [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port), app]
 
 
 def gunicorn_command(port: int, *, workers: int, preload: bool) -> list[str]:
@@ -108,6 +130,17 @@ async def backends(dsn: str, application_name: str) -> list[Backend]:
     finally:
         await connection.close()
     return [Backend(row[0], row[1], row[2]) for row in rows]
+
+
+async def backends_after_exit(dsn: str, application_name: str, seconds: float = 1.0) -> list[Backend]:
+    """The backends of ``application_name`` once none is left, or after ``seconds``: a backend whose client
+    has gone takes a moment to notice and leave pg_stat_activity."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = await backends(dsn, application_name)
+        if not left or time.monotonic() > deadline:
+            return left
+        await asyncio.sleep(0.02)
 
 
 async def terminate_backends(dsn: str, application_name: str) -> None:
@@ -164,6 +197,8 @@ class Server:
     port: int
     log_path: Path
     application_name: str
+    # The server's backends still on PostgreSQL after its process exited (set when serve() ends).
+    backends_left: list[Backend] | None = None
 
     @property
     def base_url(self) -> str:
@@ -195,11 +230,13 @@ class Server:
             await asyncio.sleep(0.01)
 
 
-def server_env(dsn_url: str, application_name: str, extra: Mapping[str, str]) -> dict[str, str]:
-    """This process's environment without its DATABASE_* and SERVER_APP_* variables, plus the server's."""
+def server_env(dsn_url: str | None, application_name: str, extra: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment without its DATABASE_* and SERVER_APP_* variables, plus the server's
+    (no DATABASE_URL when ``dsn_url`` is None)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("DATABASE_", "SERVER_APP_"))}
+    if dsn_url is not None:
+        env["DATABASE_URL"] = dsn_url
     env.update(
-        DATABASE_URL=dsn_url,
         DATABASE_APPLICATION_NAME=application_name,
         # Show every warning the server's Python raises (SQLAlchemy's "non-checked-in connection" included).
         PYTHONWARNINGS="default",
@@ -209,11 +246,11 @@ def server_env(dsn_url: str, application_name: str, extra: Mapping[str, str]) ->
     return env
 
 
-async def _wait_until_serving(server: Server, seconds: float) -> None:
+async def _wait_until_serving(server: Server, seconds: float, path: str) -> None:
     async with httpx.AsyncClient(timeout=5, trust_env=False) as http, asyncio.timeout(seconds):
         while server.process.returncode is None:
             try:
-                if (await http.get(f"{server.base_url}/stats")).status_code == 200:
+                if (await http.get(f"{server.base_url}{path}")).status_code == 200:
                     return
             except httpx.TransportError:
                 pass  # not listening yet
@@ -232,13 +269,17 @@ async def serve(
     env: Mapping[str, str] | None = None,
     startup_timeout: float = 30,
     show_log: bool = True,
+    ready_path: str = "/stats",
+    stop_signal: signal.Signals = signal.SIGTERM,
 ) -> AsyncIterator[Server]:
-    """Start ``command`` (which must listen on ``port``), wait until it answers, and stop it afterwards.
+    """Start ``command`` (which must listen on ``port``), wait until ``ready_path`` answers 200, and stop it
+    afterwards.
 
-    The block's end sends SIGTERM and waits for a graceful exit (lifespan shutdown); the server is killed if
-    it has not exited by then, or when the block raises. Then the log is printed (pytest shows it when a test
-    fails) and any backend the server left is terminated through ``admin_dsn``, so that a failed test leaves
-    no lock behind.
+    The block's end sends ``stop_signal`` and waits for a graceful exit (lifespan shutdown); the server is
+    killed if it has not exited by then, or when the block raises. Then the log is printed (pytest shows it
+    when a test fails), the backends still there once the process has gone are noted in
+    ``Server.backends_left``, and they are terminated through ``admin_dsn``, so that a failed test leaves no
+    lock behind.
     """
     application_name = new_application_name()
     with log_path.open("wb") as log:
@@ -249,19 +290,21 @@ async def serve(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log,
             stderr=log,
+            start_new_session=True,  # a group of its own: workers (hypercorn's, granian's) are killed with it
         )
     server = Server(process, port, log_path, application_name)
     try:
-        await _wait_until_serving(server, startup_timeout)
+        await _wait_until_serving(server, startup_timeout, ready_path)
         yield server
-        process.terminate()
+        process.send_signal(stop_signal)
         await asyncio.wait_for(process.wait(), timeout=20)
     finally:
         if process.returncode is None:
-            process.kill()
+            kill_group(process)
             await process.wait()
         if show_log:
             print(server.log())
+        server.backends_left = await backends_after_exit(admin_dsn, application_name)
         await terminate_backends(admin_dsn, application_name)
 
 

@@ -1,7 +1,9 @@
-"""health_endpoint(): 200 when the database answers, 503 (bounded in time) when it does not."""
+"""health_endpoint(): 200 when the database answers, 503 (bounded in time) when it does not, with the reason
+logged at WARNING (password masked)."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -13,39 +15,65 @@ from asgi_db_session.health import health_endpoint
 
 from .asgi import silent_server
 from .conftest import client
+from .server import free_port
+
+PASSWORD = "Zx9Qv7kPw"
 
 pytestmark = pytest.mark.anyio
 
 
-async def test_a_reachable_database_is_healthy(database: Database) -> None:
+async def test_a_reachable_database_is_healthy(database: Database, caplog: pytest.LogCaptureFixture) -> None:
     app = Starlette(routes=[Route("/healthz", health_endpoint())])
-    async with client(app) as http:
-        response = await http.get("/healthz")
+    with caplog.at_level(logging.WARNING, logger="asgi_db_session"):
+        async with client(app) as http:
+            response = await http.get("/healthz")
     assert (response.status_code, response.json()) == (200, {"database": "ok"})
+    assert caplog.records == []
 
 
-async def test_an_unreachable_database_is_503_without_details() -> None:
-    database = Database("postgresql://app:Zx9Qv7kPw@127.0.0.1:1/shop", name="gone")
+async def test_an_unreachable_database_is_503_without_details(caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()  # nothing listens there: the connection is refused
+    database = Database(f"postgresql://app:{PASSWORD}@127.0.0.1:{port}/shop", name="gone")
     app = Starlette(routes=[Route("/healthz", health_endpoint("gone"))])
-    async with client(app) as http:
-        response = await http.get("/healthz")
+    with caplog.at_level(logging.WARNING, logger="asgi_db_session"):
+        async with client(app) as http:
+            response = await http.get("/healthz")
     assert (response.status_code, response.json()) == (503, {"database": "unavailable"})
     assert response.headers["retry-after"] == "1"
+    assert PASSWORD not in response.text
     await database.dispose()
 
+    # The reason is in the log instead, once, at WARNING, with the password masked.
+    assert [(record.levelno, record.getMessage()) for record in caplog.records] == [
+        (
+            logging.WARNING,
+            f"Health check of database 'gone' failed: Cannot reach database 'gone' at "
+            f"postgresql+asyncpg://app:***@127.0.0.1:{port}/shop: ConnectionRefusedError: "
+            f"[Errno 111] Connect call failed ('127.0.0.1', {port}). "
+            "Check DATABASE_URL and that the server is running and accepts connections.",
+        )
+    ]
+    assert [PASSWORD[i : i + 4] for i in range(len(PASSWORD) - 3) if PASSWORD[i : i + 4] in caplog.text] == []
 
-async def test_a_database_that_hangs_is_503_within_the_timeout() -> None:
+
+async def test_a_database_that_hangs_is_503_within_the_timeout(caplog: pytest.LogCaptureFixture) -> None:
     async with silent_server() as port:
         database = Database(f"postgresql://postgres@127.0.0.1:{port}/test", name="hanging")
         app = Starlette(routes=[Route("/healthz", health_endpoint("hanging", timeout=0.3))])
         try:
-            async with client(app) as http:
-                started = time.monotonic()
-                response = await http.get("/healthz")
+            with caplog.at_level(logging.WARNING, logger="asgi_db_session"):
+                async with client(app) as http:
+                    started = time.monotonic()
+                    response = await http.get("/healthz")
             assert response.status_code == 503
             assert time.monotonic() - started < 1.5
         finally:
             await database.dispose()
+    assert [record.getMessage() for record in caplog.records] == [
+        f"Health check of database 'hanging' failed: Cannot reach database 'hanging' at "
+        f"postgresql+asyncpg://postgres@127.0.0.1:{port}/test: timed out. "
+        "Check DATABASE_URL and that the server is running and accepts connections."
+    ]
 
 
 def test_the_timeout_must_be_positive() -> None:

@@ -8,6 +8,7 @@ which server backends (pooled connections) belong to the test.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -32,7 +33,7 @@ from asgi_db_session import (
 )
 from asgi_db_session._types import ASGIApp, Receive, Scope, Send
 
-from .asgi import Channel, http_scope, run_lifespan
+from .asgi import Channel, http_scope, run_lifespan, websocket_scope
 from .conftest import PG_URL, Backend, client
 from .models import Item
 
@@ -281,6 +282,66 @@ async def test_failed_startup_check_leaves_nothing_of_the_app_open() -> None:
         if server.task is not None:
             server.task.cancel()
             await asyncio.gather(server.task, return_exceptions=True)
+
+
+BAD_SETTINGS = {
+    "no DATABASE_URL": ({}, "No database URL: set the DATABASE_URL environment variable"),
+    "DATABASE_POOL_SIZE=abc": (
+        {"DATABASE_URL": UNREACHABLE_URL, "DATABASE_POOL_SIZE": "abc"},
+        "Invalid database settings: DATABASE_POOL_SIZE: Input should be a valid integer, unable to parse string as "
+        "an integer",
+    ),
+    "a sync driver": (
+        {"DATABASE_URL": UNREACHABLE_URL.replace("+asyncpg", "+psycopg2")},
+        "Invalid database settings: DATABASE_URL: 'postgresql+psycopg2' in "
+        "'postgresql+psycopg2://postgres:***@127.0.0.1:1/test' is a synchronous driver",
+    ),
+}
+
+
+@pytest.mark.parametrize("setting", list(BAD_SETTINGS))
+async def test_a_bad_setting_fails_the_startup_and_every_request(monkeypatch: pytest.MonkeyPatch, setting: str) -> None:
+    """The README's ``app.add_middleware(DBSessionMiddleware)`` with a bad DATABASE_* variable. Starlette builds
+    the middleware inside the lifespan call: the error must come out as lifespan.startup.failed, which stops a
+    server, not as an exception from the lifespan call, which servers take for "no lifespan support". Under a
+    server that runs no lifespan, every request raises it."""
+    environment, expected = BAD_SETTINGS[setting]
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    opened: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        opened.append("worker pool")
+        yield
+
+    app = Starlette(lifespan=lifespan)
+    app.add_middleware(DBSessionMiddleware)
+    server = LifespanServer(app)
+    try:
+        assert await server.startup() == "lifespan.startup.failed"
+    finally:
+        assert server.task is not None
+        server.task.cancel()
+        await asyncio.gather(server.task, return_exceptions=True)
+    message = server.channel.sent[0]["message"]
+    assert isinstance(message, str)
+    assert expected in message
+    assert "\n" not in message
+    assert PASSWORD not in message
+    assert opened == []  # the server sends no shutdown after a failed startup: nothing to close
+
+    for scope in (http_scope("/"), websocket_scope("/")):
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            await app(scope, Channel().receive, Channel().send)
+
+
+def test_two_engine_sources_are_still_refused_at_construction(sqlite_url: str) -> None:
+    """A mistake in the code, not in the environment: raised where it is made, as DESIGN.md says."""
+    app = Starlette()
+    with pytest.raises(ValueError, match="one engine source, got url and settings"):
+        DBSessionMiddleware(app, url=sqlite_url, settings=DatabaseSettings(url=sqlite_url))
 
 
 # --- shutdown: dispose ----------------------------------------------------------------------------------------
