@@ -5,7 +5,7 @@ in a router, service or repository.
 """
 
 from ._context import current_session
-from ._guarded_session import GuardedSession
+from ._session import GuardedSession
 from .commit_hooks import on_commit
 from .database import Database, get_database
 from .error_responses import ErrorResponse, default_error_response

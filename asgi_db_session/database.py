@@ -16,11 +16,9 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 
-from ._guarded_session import GuardedSession
 from ._orphans import OrphanReaper, server_ends_orphans
+from ._session import GuardedSession, HookSession, WriteTrackingSession
 from ._urls import redact_url
-from ._write_tracking import WriteTrackingSession
-from .commit_hooks import HookSession
 from .exceptions import HOOKS_WOULD_NEVER_RUN, NO_DATABASE, DatabaseUnavailableError, NoSessionError
 from .query_insight import count_queries_on
 from .settings import DatabaseSettings, settings_from_environment

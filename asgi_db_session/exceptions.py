@@ -59,6 +59,10 @@ COMMIT_FAILED_LATE = (
     "Committing the {name!r} session after the response had started failed; the work done after the response "
     "started (streaming body or background task) was rolled back and the client's response was cut short."
 )
+CLEANUP_FAILED = (
+    "Rolling back and closing a session at the end of its scope failed; its connection was discarded, and "
+    "whatever the session had not committed is lost (the database rolls it back)."
+)
 
 UNPARSEABLE_URL = (
     "The database URL cannot be parsed (its text is not shown, as it may hold a password); write one like "

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._context import ScopeState, scope_var
-from ._finish import commit, finish
+from ._session import commit, finish
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .database import Database
 from .error_responses import INTERNAL_SERVER_ERROR, ErrorResponse, ErrorResponseMapper, default_error_response

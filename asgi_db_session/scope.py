@@ -9,8 +9,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ._context import ScopeState, scope_var
-from ._finish import finish
+from ._context import ScopeState, enter, leave, scope_var
 from .database import get_database
 from .exceptions import SCOPE_SESSION_CLASS
 
@@ -48,16 +47,13 @@ class _SessionScope(AbstractAsyncContextManager[AsyncSession]):
         if self._session_options is not None:
             state.session_options = self._session_options
         session = state.open()
-        self._token = var.set(state)
+        self._token = enter(state)
         return session
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        scope_var(self._name).reset(self._token)
-        session = self._state.end()
-        assert session is not None
-        await finish(session, commit=self._state.commit_on_success and exc_type is None)
+        await leave(self._state, self._token, clean=exc_type is None)
 
 
 def session_scope(

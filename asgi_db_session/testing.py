@@ -71,7 +71,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from . import _testing_schema
-from ._context import ScopeState, scope_var
+from ._context import ScopeState, enter, exit_scope
 from ._testing_schema import ALEMBIC_ELSEWHERE, ALEMBIC_MISSING, SEVERAL_HEADS, TABLES_EXIST
 from .database import Database, get_database
 from .exceptions import NoSessionError
@@ -208,12 +208,12 @@ def override_session(session: AsyncSession, name: str = "default") -> Iterator[A
     ``DBSessionMiddleware`` does not (the middleware gives each request its own scope).
     """
     database = get_database(name)
-    var = scope_var(name)
-    token = var.set(ScopeState(database, database.commit_on_success, session))
+    state = ScopeState(database, database.commit_on_success, session)
+    token = enter(state)
     try:
         yield session
     finally:
-        var.reset(token)
+        exit_scope(state, token)  # the session stays open: it is the caller's
 
 
 def schema_from_metadata(metadata: MetaData, database: Database | str = "default") -> AbstractContextManager[None]:

@@ -25,7 +25,7 @@ from asgi_db_session import (
     on_commit,
     session_scope,
 )
-from asgi_db_session.commit_hooks import HookSession
+from asgi_db_session._session import HookSession
 from asgi_db_session.exceptions import CONCURRENT_USE
 
 from .conftest import Backend, client

@@ -43,8 +43,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_db_session import Database, DatabaseSettings, DBSessionMiddleware, current_session
-from asgi_db_session._finish import CLEANUP_FAILED
 from asgi_db_session._types import ASGIApp, Message, Receive, Scope, Send
+from asgi_db_session.exceptions import CLEANUP_FAILED
 
 from .asgi import http_scope
 from .conftest import PG_URL, client

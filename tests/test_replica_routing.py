@@ -28,7 +28,7 @@ from asgi_db_session import (
     session_policy,
     session_scope,
 )
-from asgi_db_session.commit_hooks import HookSession
+from asgi_db_session._session import HookSession
 
 from .conftest import PG_URL, Backend, client
 from .models import Item

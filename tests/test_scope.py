@@ -19,11 +19,11 @@ from asgi_db_session import (
     ConcurrentSessionUseError,
     Database,
     DBSessionMiddleware,
+    GuardedSession,
     NoSessionError,
     current_session,
     session_scope,
 )
-from asgi_db_session._guarded_session import GuardedSession
 from asgi_db_session.exceptions import CONCURRENT_USE, NO_DATABASE, NO_SCOPE, SCOPE_ENDED, SCOPE_SESSION_CLASS
 
 from .conftest import Backend, client

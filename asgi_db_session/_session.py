@@ -1,0 +1,399 @@
+"""The package's session classes, and their commit and close that a cancellation cannot stop halfway.
+
+- ``GuardedSession`` (the AsyncSession): refuses an operation from a second task while another task's runs,
+  with ConcurrentSessionUseError, before it touches the session. SQLAlchemy detects overlapping operations
+  only part of the time and then in its own terms ("This session is provisioning a new connection", asyncpg's
+  "another operation is in progress"); worse, the scope's cleanup can then fail the same way and never return
+  the connection. The first operation finishes undisturbed; close() waits for it. Every guarded method is one
+  coroutine of its own (made by ``_guard`` below) that checks and sets the busy task and awaits AsyncSession's
+  method directly: a query pays one extra coroutine frame, not two.
+- ``HookSession`` (its sync Session): holds the ``on_commit()`` hooks. Its transaction events sort them: a
+  commit makes them due, the end of the transaction without one drops them, and the rollback of a savepoint
+  drops what was registered inside it. Due hooks run after the commit has returned, outside the commit's
+  cancellation shield; each hook carries its own runner (commit_hooks.py), which this module only calls.
+- ``WriteTrackingSession`` (the sync Session of databases with replicas): notes when it has written, so that
+  a request that wrote reads its own write from the primary (see ScopeState.after_write).
+- ``finish()`` and ``commit()``: a scope's commit and close, run through ``_shield.shielded`` so that a
+  cancellation cannot stop either halfway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import TextClause, event
+from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
+
+from ._shield import shielded
+from .exceptions import CLEANUP_FAILED, CONCURRENT_USE, ConcurrentSessionUseError
+
+logger = logging.getLogger("asgi_db_session")
+
+# Set while the package commits a session inside its cancellation shield: the commit's own task must not run
+# the hooks (a slow one could not be cancelled there); the code that awaited the shield runs them after.
+hooks_deferred: ContextVar[bool] = ContextVar("asgi_db_session.hooks_deferred", default=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    """One on_commit() callback, as its runner: a coroutine function that runs it (in a scope of its own)."""
+
+    run: Callable[[], Awaitable[None]]
+    # The innermost transaction open when the hook was registered (None: none was): a rollback of it, or of
+    # a savepoint around it, means the hook's data was not saved.
+    transaction: SessionTransaction | None
+
+
+class HookSession(Session):
+    """The sync Session behind the package's sessions: the one whose transaction events move hooks along.
+
+    The hooks live in attributes of its own rather than in ``info``: ``info`` is made on first access, and
+    reading it at every transaction's end would make one dict per request that registers no hook.
+    """
+
+    # Hooks waiting for the transaction to end, and hooks whose commit happened.
+    _hooks_waiting: list[Hook] | None = None
+    _hooks_due: list[Hook] | None = None
+
+    def _hold_until_commit(self, run: Callable[[], Awaitable[None]]) -> None:
+        """Keep ``run`` until the current transaction ends: due if it commits, dropped otherwise."""
+        hook = Hook(run, self.get_nested_transaction() or self.get_transaction())
+        self._hooks_waiting = [*(self._hooks_waiting or ()), hook]
+
+
+@event.listens_for(HookSession, "after_commit")
+def _commit_made_hooks_due(session: HookSession) -> None:
+    waiting = session._hooks_waiting
+    # SQLAlchemy sends after_commit for a savepoint's release too (it is then still the session's current
+    # transaction): nothing is saved until the outermost transaction commits.
+    if waiting and not session.in_nested_transaction():
+        session._hooks_waiting = None
+        session._hooks_due = [*(session._hooks_due or ()), *waiting]
+
+
+@event.listens_for(HookSession, "after_soft_rollback")
+def _savepoint_rollback_dropped_hooks(session: HookSession, previous_transaction: SessionTransaction) -> None:
+    waiting = session._hooks_waiting
+    if not waiting or not previous_transaction.nested:
+        return  # the outermost transaction's end is handled below
+
+    def inside_rolled_back(hook: Hook) -> bool:
+        transaction = hook.transaction
+        while transaction is not None:
+            if transaction is previous_transaction:
+                return True
+            transaction = transaction.parent
+        return False
+
+    waiting[:] = [hook for hook in waiting if not inside_rolled_back(hook)]
+
+
+@event.listens_for(HookSession, "after_transaction_end")
+def _uncommitted_end_dropped_hooks(session: HookSession, transaction: SessionTransaction) -> None:
+    # A commit has moved its hooks on (after_commit comes first): what still waits when the outermost
+    # transaction ends was rolled back, or closed without a commit.
+    if session._hooks_waiting is not None and transaction.parent is None and not transaction.nested:
+        session._hooks_waiting = None
+
+
+def has_due_hooks(session: AsyncSession) -> bool:
+    """Whether a commit of ``session`` left callbacks to run: a cheap check for the commit paths."""
+    return bool(getattr(session.sync_session, "_hooks_due", None))
+
+
+async def run_due_hooks(session: AsyncSession) -> None:
+    """Run the callbacks that the last commit of ``session`` made due, in order, each through its own runner."""
+    sync_session = cast(HookSession, session.sync_session)  # has_due_hooks() said so
+    due, sync_session._hooks_due = sync_session._hooks_due or [], None
+    for hook in due:
+        await hook.run()
+
+
+class WriteTrackingSession(HookSession):
+    """Sets ``_wrote`` on a flush that sent changes, and on any statement that is not a plain SELECT."""
+
+    _wrote = False
+
+
+@event.listens_for(WriteTrackingSession, "after_flush")
+def _flushed(session: WriteTrackingSession, flush_context: Any) -> None:
+    session._wrote = True
+
+
+@event.listens_for(WriteTrackingSession, "do_orm_execute")
+def _executed(state: ORMExecuteState) -> None:
+    if state.is_select:
+        return
+    statement = state.statement
+    # Raw SQL that starts as a plain read is one; any other counts as a write: the primary is the safe side.
+    if isinstance(statement, TextClause) and statement.text.lstrip()[:6].upper() in _READ_PREFIXES:
+        return
+    # Registered on WriteTrackingSession, so the session is one.
+    cast(WriteTrackingSession, state.session)._wrote = True
+
+
+_READ_PREFIXES = frozenset({"SELECT", "SHOW"})
+
+
+# How long close() waits for another task's operation on the session before giving up with an error.
+CLOSE_WAIT_SECONDS = 30.0
+
+_AsyncMethod = Callable[..., Coroutine[Any, Any, Any]]
+
+# C from Python 3.12 on; a short Python function before.
+_current_task = asyncio.current_task
+
+# Every AsyncSession method that runs something on the sync Session (close() and commit() add to the guard).
+_GUARDED_METHODS = (
+    "connection",
+    "delete",
+    "delete_all",
+    "execute",
+    "flush",
+    "get",
+    "get_one",
+    "invalidate",
+    "merge",
+    "merge_all",
+    "refresh",
+    "reset",
+    "rollback",
+    "run_sync",
+    "scalar",
+    "scalars",
+    "stream",
+    "stream_scalars",
+)
+
+
+class GuardedSession(AsyncSession):
+    """The AsyncSession class of every session the package makes, unless ``session_options`` names another.
+
+    On top of AsyncSession it refuses an operation from a second task while another task's runs (with
+    ConcurrentSessionUseError, instead of SQLAlchemy's errors or a stuck connection), lets ``close()`` wait for
+    that operation, and runs the ``on_commit()`` callbacks after a commit: ``commit()``, the end of
+    ``async with session.begin():``, or the package's own commit. A session class of your own
+    (``session_options={"class_": MySession}``) must derive from it for ``on_commit()``, the guard and
+    read-your-writes with replicas to keep working.
+    """
+
+    sync_session_class = HookSession
+
+    _busy_task: asyncio.Task[Any] | None = None
+    # Set (to a future) by a close() that waits for another task's operation; that operation completes it.
+    _idle: asyncio.Future[None] | None = None
+
+    async def _wait_idle(self) -> None:
+        """Wait until no other task runs an operation on this session (at most CLOSE_WAIT_SECONDS).
+
+        asyncio.wait() rather than wait_for(): from Python 3.12 on, wait_for() times out by cancelling the
+        task it runs in, which the cleanup's shield (_shield.shielded) would take for a cancellation from outside.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_WAIT_SECONDS
+        while self._busy_task is not None and self._busy_task is not _current_task():
+            idle = self._idle
+            if idle is None:
+                idle = self._idle = loop.create_future()
+            done, _ = await asyncio.wait((idle,), timeout=max(0.0, deadline - loop.time()))
+            if not done:
+                raise ConcurrentSessionUseError(CONCURRENT_USE.format(method="close"))
+
+    async def close(self) -> None:
+        """Wait until no other task is running an operation on this session, then close it."""
+        if self._busy_task is not None:
+            await self._wait_idle()
+        await _guarded_close(self)
+
+    async def commit(self) -> None:
+        """Commit, then run the on_commit callbacks that the commit made due."""
+        await _guarded_commit(self)
+        if has_due_hooks(self) and not hooks_deferred.get():
+            await run_due_hooks(self)
+
+    # SQLAlchemy's own idiom, ``async with session.begin():``, commits through the transaction object, not
+    # commit(): its begin, commit and rollback are guarded too, and its commit runs the due callbacks.
+    def begin(self) -> AsyncSessionTransaction:
+        """A transaction that commits at the end of ``async with``; then the on_commit callbacks run."""
+        return _GuardedTransaction(self)
+
+    def begin_nested(self) -> AsyncSessionTransaction:
+        """A savepoint; its release is no commit: on_commit callbacks wait for the outermost transaction's."""
+        return _GuardedTransaction(self, nested=True)
+
+    def get_transaction(self) -> AsyncSessionTransaction | None:
+        transaction = self.sync_session.get_transaction()
+        if transaction is None:
+            return None
+        return _GuardedTransaction._retrieve_proxy_for_target(transaction, async_session=self)
+
+    def get_nested_transaction(self) -> AsyncSessionTransaction | None:
+        transaction = self.sync_session.get_nested_transaction()
+        if transaction is None:
+            return None
+        return _GuardedTransaction._retrieve_proxy_for_target(transaction, async_session=self)
+
+
+class _GuardedTransaction(AsyncSessionTransaction):
+    """A GuardedSession's transaction: begun, committed and rolled back under the session's guard."""
+
+    __slots__ = ()
+
+    session: GuardedSession
+
+    async def start(self, is_ctxmanager: bool = False) -> AsyncSessionTransaction:
+        await (_guarded_begin_nested if self.nested else _guarded_begin)(self.session, self, is_ctxmanager)
+        return self
+
+    async def commit(self) -> None:
+        await _guarded_transaction_commit(self.session, self)
+        await _run_due_hooks(self.session)
+
+    async def rollback(self) -> None:
+        await _guarded_transaction_rollback(self.session, self)
+
+    async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
+        if type_ is not None:
+            await _guarded_exit_rollback(self.session, self, type_, value, traceback)
+            return
+        await _guarded_exit_commit(self.session, self, type_, value, traceback)
+        await _run_due_hooks(self.session)
+
+
+async def _run_due_hooks(session: GuardedSession) -> None:
+    # Due only after the outermost transaction committed: a savepoint's release makes none due.
+    if has_due_hooks(session) and not hooks_deferred.get():
+        await run_due_hooks(session)
+
+
+def _guard(method: _AsyncMethod) -> _AsyncMethod:
+    """``method`` of AsyncSession, refusing a second task while one runs an operation on the session."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def guarded(self: GuardedSession, *args: Any, **kwargs: Any) -> Any:
+        task = _current_task()
+        busy = self._busy_task
+        if busy is None:
+            self._busy_task = task
+            try:
+                return await method(self, *args, **kwargs)
+            finally:
+                self._busy_task = None
+                idle = self._idle
+                if idle is not None:
+                    self._idle = None
+                    if not idle.done():
+                        idle.set_result(None)
+        if busy is task:  # the same task, one level down (scalars() runs execute(), say)
+            return await method(self, *args, **kwargs)
+        raise ConcurrentSessionUseError(CONCURRENT_USE.format(method=name))
+
+    return guarded
+
+
+def _transaction_step(name: str, step: _AsyncMethod) -> _AsyncMethod:
+    """``step`` of AsyncSessionTransaction, under the guard of its session; ``name`` is what the error says."""
+
+    async def run(session: GuardedSession, transaction: AsyncSessionTransaction, *args: Any) -> Any:
+        return await step(transaction, *args)
+
+    run.__name__ = name
+    return _guard(run)
+
+
+_guarded_close = _guard(AsyncSession.close)
+_guarded_commit = _guard(AsyncSession.commit)
+_guarded_begin = _transaction_step("begin", AsyncSessionTransaction.start)
+_guarded_begin_nested = _transaction_step("begin_nested", AsyncSessionTransaction.start)
+_guarded_transaction_commit = _transaction_step("commit", AsyncSessionTransaction.commit)
+_guarded_transaction_rollback = _transaction_step("rollback", AsyncSessionTransaction.rollback)
+# Leaving ``async with session.begin():`` commits, or rolls back after an exception.
+_guarded_exit_commit = _transaction_step("commit", AsyncSessionTransaction.__aexit__)
+_guarded_exit_rollback = _transaction_step("rollback", AsyncSessionTransaction.__aexit__)
+
+for _name in _GUARDED_METHODS:
+    if hasattr(AsyncSession, _name):  # delete_all() and merge_all() came with SQLAlchemy 2.1
+        setattr(GuardedSession, _name, _guard(getattr(AsyncSession, _name)))
+
+
+async def _close(session: AsyncSession) -> None:
+    """close(): roll back whatever is still open and give the connection back; if that fails, log and discard.
+
+    Never raises: the scope's own outcome (the app's exception, or the response already sent) is what the
+    caller must hear of, and nothing of the transaction was committed either way.
+    """
+    transaction = session.sync_session.get_transaction()
+    try:
+        await session.close()
+    except Exception:
+        logger.warning(CLEANUP_FAILED, exc_info=True)
+        _discard(transaction)
+
+
+def _discard(transaction: SessionTransaction | None) -> None:
+    # SQLAlchemy invalidates a connection itself only when it recognises the error as a disconnect; any other
+    # failure of the rollback (a backend killed while idle shows as "another operation is in progress") leaves
+    # it checked out with its transaction open on the server. The session has let go of its transaction by
+    # now, so the connections are reached through the transaction taken before close(). Only those it took
+    # from an engine (autoclose): one it was given (the testing plugin's) is its owner's. Outside a greenlet,
+    # invalidate() aborts the socket at once: the server ends the backend and rolls its transaction back (the
+    # pool logs, rather than raises, a failure to close it).
+    for connection, _, _, autoclose in set(getattr(transaction, "_connections", {}).values()):
+        if autoclose and not connection.invalidated and not connection.closed:
+            connection.invalidate()
+
+
+async def _commit_then_close(session: AsyncSession) -> None:
+    token = hooks_deferred.set(True)  # the callbacks run after the shield, in finish()
+    try:
+        if session.in_transaction():
+            await session.commit()
+    finally:
+        hooks_deferred.reset(token)
+        await _close(session)
+
+
+async def _commit_deferring_hooks(session: AsyncSession) -> None:
+    token = hooks_deferred.set(True)  # the callbacks run after the shield, in commit()
+    try:
+        await session.commit()
+    finally:
+        hooks_deferred.reset(token)
+
+
+async def finish(session: AsyncSession, *, commit: bool) -> None:
+    """Commit (when ``commit`` and a transaction is open), then close, shielded from cancellation.
+
+    A failed commit is raised; a failed close (its rollback) is logged and its connection discarded.
+    """
+    if not session.in_transaction() and getattr(session, "_busy_task", None) is None:
+        # Nothing begun, so no connection: close() only forgets the session's objects. It does no IO and so
+        # never yields to the loop, leaving a cancellation nothing to interrupt: no shield needed. Our own
+        # session class is closed on its sync Session directly: with no IO there is nothing for the greenlet
+        # that AsyncSession.close() would start to wait on.
+        if type(session) is GuardedSession:
+            session.sync_session.close()
+        else:
+            await session.close()
+        return
+    await shielded(_commit_then_close(session) if commit else _close(session))
+    if commit and has_due_hooks(session):
+        await run_due_hooks(session)
+
+
+async def commit(session: AsyncSession) -> None:
+    """Commit, shielded from cancellation: a commit is never left half-sent on the connection.
+
+    Then the on_commit callbacks that the commit made due, outside the shield.
+    """
+    await shielded(_commit_deferring_hooks(session))
+    if has_due_hooks(session):
+        await run_due_hooks(session)
