@@ -9,7 +9,15 @@ from ._session import GuardedSession
 from .commit_hooks import on_commit
 from .database import Database, get_database
 from .error_responses import ErrorResponse, default_error_response
-from .exceptions import CommitFailedError, ConcurrentSessionUseError, DatabaseUnavailableError, NoSessionError
+from .exceptions import (
+    AsgiDbSessionError,
+    CommitFailedError,
+    ConcurrentSessionUseError,
+    DatabaseUnavailableError,
+    NoSessionError,
+    UnknownDatabaseError,
+    UsageError,
+)
 from .middleware import DBSessionMiddleware
 from .query_insight import QueryStats, query_stats
 from .route_policy import session_policy
@@ -19,6 +27,7 @@ from .settings import DatabaseSettings
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsgiDbSessionError",
     "CommitFailedError",
     "ConcurrentSessionUseError",
     "DBSessionMiddleware",
@@ -29,6 +38,8 @@ __all__ = [
     "GuardedSession",
     "NoSessionError",
     "QueryStats",
+    "UnknownDatabaseError",
+    "UsageError",
     "__version__",
     "current_session",
     "default_error_response",

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ._session import finish
 from ._types import Scope
 from .exceptions import NO_SCOPE, NO_SESSION_ROUTE, SCOPE_ENDED, NoSessionError
-from .route_policy import policy_of
+from .route_policy import _policy_of
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -99,7 +99,7 @@ class ScopeState:
         gets the middleware's policy.
         """
         asgi_scope, self.asgi_scope = self.asgi_scope, None
-        policy = None if asgi_scope is None else policy_of(asgi_scope)
+        policy = None if asgi_scope is None else _policy_of(asgi_scope)
         if policy is None:
             return
         if not policy.session:

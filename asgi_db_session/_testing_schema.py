@@ -19,6 +19,15 @@ from sqlalchemy import MetaData, Table, inspect
 from sqlalchemy.engine import Connection
 
 from .database import Database
+from .exceptions import (
+    ALEMBIC_ELSEWHERE,
+    ALEMBIC_MISSING,
+    AT_ANOTHER_REVISION,
+    OWN_EVENT_LOOP,
+    SEVERAL_HEADS,
+    TABLES_EXIST,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -27,28 +36,6 @@ T = TypeVar("T")
 
 # Alembic's default; an env.py that names another (version_table=) is not supported here.
 VERSION_TABLE = "alembic_version"
-
-TABLES_EXIST = (
-    "asgi_db_session.testing: schema_from_metadata() creates the tables for the test session and drops them "
-    "after it, but the database at {url} already has {tables}. Tests should run on a database of their own: "
-    "point the tests' DATABASE_URL at an empty one, or drop these tables (a test run that was killed leaves "
-    "them behind)."
-)
-ALEMBIC_MISSING = (
-    "asgi_db_session.testing: schema_from_alembic() needs Alembic, which is not installed. "
-    "Install it (pip install alembic), or make the schema with schema_from_metadata()."
-)
-SEVERAL_HEADS = (
-    "asgi_db_session.testing: the test database already stands at several Alembic heads {heads}; "
-    "schema_from_alembic() would not know where to bring it back to. Run the tests on an empty database."
-)
-ALEMBIC_ELSEWHERE = (
-    "asgi_db_session.testing: the env.py of {config} did not run the migrations on the connection it was given "
-    "({detail}). Make it run them on config.attributes['connection'] when that is set, as "
-    "examples/alembic/env.py does."
-)
-AT_ANOTHER_REVISION = "after `alembic upgrade {revision}` the database at {url} is at {found!r}, not {expected!r}"
-OWN_EVENT_LOOP = "it started an event loop of its own: {error}"
 
 
 def _run(database: Database, work: Callable[[Connection], T]) -> T:
@@ -78,7 +65,7 @@ def schema_from_metadata(metadata: MetaData, database: Database) -> Iterator[Non
         existing = [table.fullname for table in metadata.sorted_tables if _has_table(connection, table)]
         if existing:
             url = database.engine.url.render_as_string(hide_password=True)
-            raise RuntimeError(TABLES_EXIST.format(url=url, tables=", ".join(existing)))
+            raise UsageError(TABLES_EXIST.format(url=url, tables=", ".join(existing)))
         metadata.create_all(connection)
 
     _run(database, create)
@@ -116,7 +103,7 @@ def schema_from_alembic(
     def upgrade(connection: Connection) -> None:
         before = MigrationContext.configure(connection).get_current_heads()
         if len(before) > 1:
-            raise RuntimeError(SEVERAL_HEADS.format(heads=before))
+            raise UsageError(SEVERAL_HEADS.format(heads=before))
         state["before"] = before[0] if before else "base"
         state["had_version_table"] = inspect(connection).has_table(VERSION_TABLE)
         config.attributes["connection"] = connection
@@ -127,7 +114,7 @@ def schema_from_alembic(
         if set(found) != set(wanted):
             url = database.engine.url.render_as_string(hide_password=True)
             detail = AT_ANOTHER_REVISION.format(revision=revision, url=url, found=found, expected=wanted)
-            raise RuntimeError(ALEMBIC_ELSEWHERE.format(config=config.config_file_name, detail=detail))
+            raise UsageError(ALEMBIC_ELSEWHERE.format(config=config.config_file_name, detail=detail))
 
     def downgrade(connection: Connection) -> None:
         config.attributes["connection"] = connection
@@ -158,4 +145,4 @@ def _alembic_command(command: Callable[[Config, str], None], config: Config, rev
             failure = str(exc)
     if failure is not None:
         detail = OWN_EVENT_LOOP.format(error=failure)
-        raise RuntimeError(ALEMBIC_ELSEWHERE.format(config=config.config_file_name, detail=detail))
+        raise UsageError(ALEMBIC_ELSEWHERE.format(config=config.config_file_name, detail=detail))

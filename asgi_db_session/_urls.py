@@ -16,7 +16,10 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .exceptions import (
     BAD_URL_VALUE,
+    NO_ASYNC_DRIVER,
     SSL_MODES_DISAGREE,
+    SYNC_DRIVER,
+    UNKNOWN_DRIVER,
     UNKNOWN_URL_PARAMETER,
     UNKNOWN_URL_PARAMETER_ADVICE,
     UNPARSEABLE_URL,
@@ -213,22 +216,14 @@ def _with_async_driver(url: URL, shown: str) -> URL:
     default_driver = ASYNC_DRIVERS.get(backend)
     if not driver:
         if default_driver is None:
-            raise ValueError(
-                f"No async driver is known for {backend!r} in {shown!r}; name one in the URL: {backend}+<driver>://..."
-            )
+            raise ValueError(NO_ASYNC_DRIVER.format(backend=backend, url=shown))
         return url.set(drivername=f"{backend}+{default_driver}")
     url = url.set(drivername=f"{backend}+{driver}")
     try:
         dialect = url.get_dialect()
     except NoSuchModuleError:
-        raise ValueError(
-            f"Unknown database driver {url.drivername!r} in {shown!r}; "
-            f"write e.g. {EXAMPLE_URL} or sqlite+aiosqlite:///./app.db"
-        ) from None
+        raise ValueError(UNKNOWN_DRIVER.format(driver=url.drivername, url=shown, example=EXAMPLE_URL)) from None
     if not dialect.get_async_dialect_cls(url).is_async:
         fix = f"{backend}+{default_driver}://..." if default_driver else f"{backend}+<async driver>://..."
-        raise ValueError(
-            f"{url.drivername!r} in {shown!r} is a synchronous driver, and an AsyncSession needs an async one: "
-            f"write {fix}"
-        )
+        raise ValueError(SYNC_DRIVER.format(driver=url.drivername, url=shown, fix=fix))
     return url

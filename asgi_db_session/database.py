@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import logging
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -19,14 +18,31 @@ from sqlalchemy.orm import Session
 from ._orphans import OrphanReaper, server_ends_orphans
 from ._session import GuardedSession, HookSession, WriteTrackingSession
 from ._urls import redact_url
-from .exceptions import HOOKS_WOULD_NEVER_RUN, NO_DATABASE, DatabaseUnavailableError, NoSessionError
-from .query_insight import count_queries_on
-from .settings import DatabaseSettings, settings_from_environment
+from .exceptions import (
+    CHECK_FAILED,
+    ENGINE_OPTIONS_WITH_ENGINE,
+    HOOKS_WOULD_NEVER_RUN,
+    JOINS_NESTED,
+    NO_DATABASE,
+    REPLICAS_AS_STRING,
+    REPLICAS_WITHOUT_SETTINGS,
+    TWO_ENGINE_SOURCES,
+    UNREACHABLE,
+    DatabaseUnavailableError,
+    UnknownDatabaseError,
+    UsageError,
+)
+from .query_insight import _count_queries_on
+from .settings import DatabaseSettings, _settings_from_environment
+
+__all__ = [
+    "Database",
+    "get_database",
+]
+
 
 # Recommended for async code: no lazy loads after commit, no implicit IO from autoflush.
-SESSION_DEFAULTS: Mapping[str, Any] = {"expire_on_commit": False, "autoflush": False, "class_": GuardedSession}
-
-logger = logging.getLogger("asgi_db_session")
+_SESSION_DEFAULTS: Mapping[str, Any] = {"expire_on_commit": False, "autoflush": False, "class_": GuardedSession}
 
 _registry: dict[str, Database] = {}
 # Connections whose transaction every new session of a database name joins (see Database.sessions_joining).
@@ -116,7 +132,9 @@ class _ConnectWrapper:
             return self._connect(*cargs, **cparams)
         except OSError as exc:
             raise DatabaseUnavailableError(
-                f"Cannot reach database {self._database_name()!r} at {self._redacted_url}: {type(exc).__name__}: {exc}"
+                UNREACHABLE.format(
+                    name=self._database_name(), url=self._redacted_url, reason=f"{type(exc).__name__}: {exc}"
+                )
             ) from exc
         except Exception as exc:
             # SQLAlchemy 2.1 wraps asyncpg's error in one of its adapter (asyncpg's as __cause__); 2.0 does not.
@@ -128,8 +146,11 @@ class _ConnectWrapper:
             else:
                 raise
             raise DatabaseUnavailableError(
-                f"Cannot reach database {self._database_name()!r} at {self._redacted_url}: {reason}: "
-                f"{type(refused).__name__}: {refused}"
+                UNREACHABLE.format(
+                    name=self._database_name(),
+                    url=self._redacted_url,
+                    reason=f"{reason}: {type(refused).__name__}: {refused}",
+                )
             ) from exc
 
 
@@ -137,12 +158,12 @@ def get_database(name: str = "default") -> Database:
     """The Database most recently created under ``name`` (the middleware creates one when not given one).
 
     For what needs the database itself rather than a session: a health check (``ping()``), ``create_all``
-    at startup, a script's ``dispose()``. NoSessionError when no Database of that name exists.
+    at startup, a script's ``dispose()``. UnknownDatabaseError when no Database of that name exists.
     """
     try:
         return _registry[name]
     except KeyError:
-        raise NoSessionError(NO_DATABASE.format(name=name)) from None
+        raise UnknownDatabaseError(NO_DATABASE.format(name=name)) from None
 
 
 class Database:
@@ -176,19 +197,23 @@ class Database:
         self.commit_on_success = commit_on_success
         given = [arg for arg, value in (("url", url), ("engine", engine), ("settings", settings)) if value is not None]
         if len(given) > 1:
-            raise ValueError(f"Database takes one engine source, got {' and '.join(given)}: pass only one.")
+            raise ValueError(
+                TWO_ENGINE_SOURCES.format(
+                    owner="Database", given=" and ".join(given), choices="url=, engine=, settings="
+                )
+            )
         if engine is not None and engine_options:
-            raise ValueError("engine_options= applies to an engine that Database creates; it got engine= instead.")
+            raise ValueError(ENGINE_OPTIONS_WITH_ENGINE)
         if engine is None:
             if settings is None:
-                settings = settings_from_environment() if url is None else settings_from_environment(url=url)
+                settings = _settings_from_environment() if url is None else _settings_from_environment(url=url)
             # Fails here, at construction, rather than at the first request.
             settings.engine_options()
         self.settings = settings
         if check_on_startup is None:
             check_on_startup = settings is not None and settings.check_on_startup
         self.check_on_startup = check_on_startup
-        self.session_options: Mapping[str, Any] = {**SESSION_DEFAULTS, **(session_options or {})}
+        self.session_options: Mapping[str, Any] = {**_SESSION_DEFAULTS, **(session_options or {})}
         _refuse_lost_hooks(self.session_options)
         self._engine_options = dict(engine_options or {})
         self._reapers: list[OrphanReaper] = []
@@ -218,16 +243,16 @@ class Database:
     def _settings_of_replicas(self, replicas: Sequence[str] | None) -> list[DatabaseSettings]:
         """One DatabaseSettings per replica: the primary's pool and driver settings, the replica's URL."""
         if isinstance(replicas, str):
-            raise TypeError("replicas= takes a list of URLs, not one string: replicas=[url].")
+            raise TypeError(REPLICAS_AS_STRING)
         urls = list(replicas) if replicas is not None else []
         if self.settings is not None and not urls:
             urls = list(self.settings.replica_urls)
         if not urls:
             return []
         if self.settings is None:
-            raise ValueError("replicas= needs url= or settings= for the primary: engine= gives no settings to share.")
+            raise ValueError(REPLICAS_WITHOUT_SETTINGS)
         return [
-            settings_from_environment(**{**self.settings.model_dump(), "url": url, "replica_urls": []}) for url in urls
+            _settings_from_environment(**{**self.settings.model_dump(), "url": url, "replica_urls": []}) for url in urls
         ]
 
     @property
@@ -262,7 +287,7 @@ class Database:
             setattr(dialect, "connect", wrapper)  # noqa: B010
         wrapper.add(self)
         if self._counting_queries:
-            count_queries_on(sync_engine, self.name)
+            _count_queries_on(sync_engine, self.name)
         if engine.dialect.driver != "asyncpg":
             return
         if settings is None:
@@ -289,7 +314,7 @@ class Database:
         # Engines made from now on get the events as they are created; these exist already.
         for engine in [self._engine, *(self._replica_engines or ())]:
             if engine is not None:
-                count_queries_on(engine.sync_engine, self.name)
+                _count_queries_on(engine.sync_engine, self.name)
 
     @property
     def replica_engines(self) -> list[AsyncEngine]:
@@ -358,7 +383,7 @@ class Database:
         own at the app's first request.
         """
         if self.name in _joining:
-            raise RuntimeError(f"Sessions of database {self.name!r} already join a connection; blocks do not nest.")
+            raise UsageError(JOINS_NESTED.format(name=self.name))
         _joining[self.name] = connection
         self._join(connection)
         try:
@@ -376,18 +401,16 @@ class Database:
     # A health check needs its own bound; callers should not have to wrap it in asyncio.timeout().
     async def check(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Connect and run ``SELECT 1``; DatabaseUnavailableError (password masked) if that fails in time."""
-        advice = "Check DATABASE_URL and that the server is running and accepts connections."
         try:
             async with asyncio.timeout(timeout), self.engine.connect() as connection:
                 await connection.exec_driver_sql("SELECT 1")
         except DatabaseUnavailableError as exc:  # from _ConnectWrapper: it names the database and the reason already
-            raise DatabaseUnavailableError(f"{str(exc).rstrip('.')}. {advice}") from None
+            raise DatabaseUnavailableError(CHECK_FAILED.format(error=str(exc).rstrip("."))) from None
         except Exception as exc:
             # The driver's text (connection refused, authentication failed) helps; it carries no password.
             reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-            raise DatabaseUnavailableError(
-                f"Cannot reach database {self.name!r} at {self.redacted_url}: {reason}. {advice}"
-            ) from None
+            unreachable = UNREACHABLE.format(name=self.name, url=self.redacted_url, reason=reason)
+            raise DatabaseUnavailableError(CHECK_FAILED.format(error=unreachable)) from None
 
     async def ping(self, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
         """True when the database answers ``SELECT 1`` within ``timeout`` seconds."""

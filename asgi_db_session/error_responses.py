@@ -18,17 +18,27 @@ from sqlalchemy import exc as sa_exc
 from ._types import Message
 from .exceptions import DatabaseUnavailableError
 
+__all__ = [
+    "CONFLICT",
+    "ErrorResponse",
+    "ErrorResponseMapper",
+    "INTERNAL_SERVER_ERROR",
+    "SERVICE_UNAVAILABLE",
+    "default_error_response",
+]
+
+
 # PostgreSQL SQLSTATEs (Appendix A of its manual).
-UNIQUE_VIOLATION = "23505"
-EXCLUSION_VIOLATION = "23P01"
-SERIALIZATION_FAILURE = "40001"
-DEADLOCK_DETECTED = "40P01"
+_UNIQUE_VIOLATION = "23505"
+_EXCLUSION_VIOLATION = "23P01"
+_SERIALIZATION_FAILURE = "40001"
+_DEADLOCK_DETECTED = "40P01"
 # The server cannot serve now: shutting down, starting up, out of connection slots; class 08 is a lost link.
-UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+_UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
 # SQLite extended result codes (sqlite3 sets ``sqlite_errorcode`` on its errors).
-SQLITE_CONSTRAINT_UNIQUE = 2067
-SQLITE_CONSTRAINT_PRIMARYKEY = 1555
-SQLITE_BUSY = 5
+_SQLITE_CONSTRAINT_UNIQUE = 2067
+_SQLITE_CONSTRAINT_PRIMARYKEY = 1555
+_SQLITE_BUSY = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,9 +124,9 @@ def default_error_response(error: BaseException) -> ErrorResponse | None:
     if error.connection_invalidated or _protocol_broken(error):
         return SERVICE_UNAVAILABLE
     state = _sqlstate(error)
-    if state in (UNIQUE_VIOLATION, EXCLUSION_VIOLATION):
+    if state in (_UNIQUE_VIOLATION, _EXCLUSION_VIOLATION):
         return CONFLICT
-    if state in (SERIALIZATION_FAILURE, DEADLOCK_DETECTED) or state in UNAVAILABLE_SQLSTATES:
+    if state in (_SERIALIZATION_FAILURE, _DEADLOCK_DETECTED) or state in _UNAVAILABLE_SQLSTATES:
         return SERVICE_UNAVAILABLE
     if state is not None and state.startswith("08"):
         return SERVICE_UNAVAILABLE
@@ -125,8 +135,8 @@ def default_error_response(error: BaseException) -> ErrorResponse | None:
     if isinstance(error, sa_exc.InterfaceError) and _says_closed(error.orig):
         return SERVICE_UNAVAILABLE
     code = _sqlite_code(error)
-    if code in (SQLITE_CONSTRAINT_UNIQUE, SQLITE_CONSTRAINT_PRIMARYKEY):
+    if code in (_SQLITE_CONSTRAINT_UNIQUE, _SQLITE_CONSTRAINT_PRIMARYKEY):
         return CONFLICT
-    if code == SQLITE_BUSY:
+    if code == _SQLITE_BUSY:
         return SERVICE_UNAVAILABLE
     return None

@@ -1,17 +1,89 @@
 """Exceptions raised by asgi_db_session, and the texts they carry.
 
+Every exception the package defines derives from ``AsgiDbSessionError``, and keeps the builtin base its
+meaning calls for, so that ``except RuntimeError`` (or ``LookupError``, ``ConnectionError``) still catches it:
+
     Exception
-     ├── RuntimeError
-     │    ├── NoSessionError ........... current_session() outside a scope, or after its scope ended
-     │    └── ConcurrentSessionUseError  two tasks ran operations on one session at the same time
-     ├── CommitFailedError ............ the commit of a request's session failed; the client got an error status
-     └── ConnectionError
-          └── DatabaseUnavailableError . the startup check (or Database.check()) could not reach the database
+     └── AsgiDbSessionError ............. any error of this package
+          ├── NoSessionError (RuntimeError)  current_session() outside a scope, after its scope ended, or on a
+          │    │                             session_policy(session=False) route
+          │    └── UnknownDatabaseError (LookupError)  no Database of that name (get_database(), session_scope())
+          ├── ConcurrentSessionUseError (RuntimeError)  two tasks ran operations on one session at the same time
+          ├── UsageError (RuntimeError) ... a call where it cannot work: query_stats() without counting, nested
+          │                                 Database.sessions_joining(), the testing plugin's set-up refused
+          ├── CommitFailedError ............ the commit of a request's session failed; the client got an error status
+          └── DatabaseUnavailableError (ConnectionError)  the database could not be reached (startup check,
+                                             Database.check(), a refused connect)
+
+A wrong argument or setting is a ValueError (TypeError for a wrong type) at construction, as in Python itself.
 
 The texts are module constants so that tests (and users' own tests) can match them.
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "ALEMBIC_ELSEWHERE",
+    "ALEMBIC_MISSING",
+    "ASYNCPG_ONLY",
+    "AT_ANOTHER_REVISION",
+    "AsgiDbSessionError",
+    "BAD_URL_VALUE",
+    "CHECK_FAILED",
+    "CLEANUP_FAILED",
+    "COMMIT_FAILED",
+    "COMMIT_FAILED_LATE",
+    "CONCURRENT_USE",
+    "CommitFailedError",
+    "ConcurrentSessionUseError",
+    "DatabaseUnavailableError",
+    "ENGINE_OPTIONS_WITH_ENGINE",
+    "HEALTH_TIMEOUT",
+    "HOOKS_WOULD_NEVER_RUN",
+    "INVALID_SETTINGS",
+    "JOINS_NESTED",
+    "MIDDLEWARE_NAME_MISMATCH",
+    "MIDDLEWARE_SESSION_OPTIONS_WITH_DATABASE",
+    "NOT_A_DATABASE",
+    "NOT_COUNTING",
+    "NOT_CREATED_YET",
+    "NOT_STARTED",
+    "NO_ASYNC_DRIVER",
+    "NO_DATABASE",
+    "NO_SCOPE",
+    "NO_SESSION_ROUTE",
+    "NO_URL",
+    "NoSessionError",
+    "ON_COMMIT_NEEDS_GUARDED_SESSION",
+    "OWN_EVENT_LOOP",
+    "POLICY_CANNOT_MARK",
+    "POLICY_WITHOUT_SESSION",
+    "REPLICAS_AS_STRING",
+    "REPLICAS_WITHOUT_SETTINGS",
+    "SCOPE_ENDED",
+    "SCOPE_SESSION_CLASS",
+    "SETTING_DISAGREES_WITH_URL",
+    "SEVERAL_HEADS",
+    "SSL_FILE_UNREADABLE",
+    "SSL_FILE_WITHOUT_MODE",
+    "SSL_KEY_WITHOUT_CERT",
+    "SSL_MODES_DISAGREE",
+    "SSL_NO_ROOT_CERT",
+    "SSL_SYSTEM_NEEDS_VERIFY_FULL",
+    "SYNC_DRIVER",
+    "TABLES_EXIST",
+    "TESTING_EXTRA_MISSING",
+    "TWO_ENGINE_SOURCES",
+    "UNKNOWN_DRIVER",
+    "UNKNOWN_URL_PARAMETER",
+    "UNKNOWN_URL_PARAMETER_ADVICE",
+    "UNPARSEABLE_URL",
+    "UNREACHABLE",
+    "URL_VALUE_DISAGREES_WITH_SETTING",
+    "UnknownDatabaseError",
+    "UsageError",
+]
+
 
 NO_SCOPE = (
     "No database session for {name!r}: current_session() works only inside a request handled by "
@@ -63,12 +135,43 @@ CLEANUP_FAILED = (
     "Rolling back and closing a session at the end of its scope failed; its connection was discarded, and "
     "whatever the session had not committed is lost (the database rolls it back)."
 )
+TWO_ENGINE_SOURCES = "{owner} takes one engine source, got {given}: pass only one of {choices}."
+MIDDLEWARE_SESSION_OPTIONS_WITH_DATABASE = (
+    "With database=, give session_options= to Database(...) instead of the middleware."
+)
+MIDDLEWARE_NAME_MISMATCH = "name={name!r} does not match the name of database= ({database!r}); drop one."
+ENGINE_OPTIONS_WITH_ENGINE = "engine_options= applies to an engine that Database creates; it got engine= instead."
+REPLICAS_AS_STRING = "replicas= takes a list of URLs, not one string: replicas=[url]."
+REPLICAS_WITHOUT_SETTINGS = "replicas= needs url= or settings= for the primary: engine= gives no settings to share."
+JOINS_NESTED = "Sessions of database {name!r} already join a connection; blocks do not nest."
+UNREACHABLE = "Cannot reach database {name!r} at {url}: {reason}"
+# Database.check(): the reason, then what to do.
+CHECK_FAILED = "{error}. Check DATABASE_URL and that the server is running and accepts connections."
+HEALTH_TIMEOUT = "timeout must be a positive number of seconds, got {timeout!r}"
+POLICY_WITHOUT_SESSION = "session_policy(session=False) takes no read_only= or commit_on_success=: there is no session."
+POLICY_CANNOT_MARK = (
+    "session_policy() cannot mark {name}: it takes no attributes (a bound method or a functools.partial?). "
+    "Mark the function itself, or the HTTPEndpoint class."
+)
+NOT_COUNTING = (
+    "Queries of database {name!r} are not being counted here: query_stats() works inside a request of a "
+    "DBSessionMiddleware(..., count_queries=True) (or server_timing=True, or warn_over_queries=N)."
+)
+NO_URL = (
+    "No database URL: set the DATABASE_URL environment variable (e.g. "
+    "DATABASE_URL=postgresql+asyncpg://user:password@host:5432/dbname) or pass url= to DBSessionMiddleware/Database."
+)
+ASYNCPG_ONLY = "{field} (DATABASE_{env}) is supported on PostgreSQL through asyncpg only, and the URL is {url!r}."
+INVALID_SETTINGS = "Invalid database settings: {problems}"
 
 UNPARSEABLE_URL = (
     "The database URL cannot be parsed (its text is not shown, as it may hold a password); write one like "
     "{example} or sqlite+aiosqlite:///./app.db, and percent-encode a password's special characters: % as %25, "
     ": as %3A, / as %2F, @ as %40 (urllib.parse.quote(password, safe=''))."
 )
+NO_ASYNC_DRIVER = "No async driver is known for {backend!r} in {url!r}; name one in the URL: {backend}+<driver>://..."
+UNKNOWN_DRIVER = "Unknown database driver {driver!r} in {url!r}; write e.g. {example} or sqlite+aiosqlite:///./app.db"
+SYNC_DRIVER = "{driver!r} in {url!r} is a synchronous driver, and an AsyncSession needs an async one: write {fix}"
 UNKNOWN_URL_PARAMETER = (
     "The database URL {url!r} has the query parameter {name!r}, which asyncpg cannot take: {advice}."
 )
@@ -100,16 +203,68 @@ SSL_SYSTEM_NEEDS_VERIFY_FULL = (
 )
 SSL_FILE_UNREADABLE = "The {what} file {path!r} ({source}) cannot be used: {reason}."
 
+# The testing plugin (asgi_db_session.testing re-exports the ones its users match).
+NOT_CREATED_YET = (
+    "asgi_db_session.testing: no Database named {name!r} exists, and none could be made from the environment "
+    "({reason}). Set DATABASE_URL for the tests, or create the app's Database yourself, pass it to the "
+    "middleware (DBSessionMiddleware, database=db) and return it from a `database` fixture in your conftest.py."
+)
+NOT_STARTED = (
+    "asgi_db_session.testing: the TestClient is not started. Use it as `with TestClient(app) as client:`; "
+    "without `with`, every request runs on a new event loop and the test's connection cannot serve them."
+)
+NOT_A_DATABASE = "asgi_db_session.testing: the `database` fixture returned {value!r}; it must return a Database."
+TESTING_EXTRA_MISSING = (
+    "asgi_db_session.testing: the db_client fixture needs {module}, which is not installed. "
+    "Install the plugin's extra: pip install 'asgi-db-session[testing]'."
+)
+TABLES_EXIST = (
+    "asgi_db_session.testing: schema_from_metadata() creates the tables for the test session and drops them "
+    "after it, but the database at {url} already has {tables}. Tests should run on a database of their own: "
+    "point the tests' DATABASE_URL at an empty one, or drop these tables (a test run that was killed leaves "
+    "them behind)."
+)
+ALEMBIC_MISSING = (
+    "asgi_db_session.testing: schema_from_alembic() needs Alembic, which is not installed. "
+    "Install it (pip install alembic), or make the schema with schema_from_metadata()."
+)
+SEVERAL_HEADS = (
+    "asgi_db_session.testing: the test database already stands at several Alembic heads {heads}; "
+    "schema_from_alembic() would not know where to bring it back to. Run the tests on an empty database."
+)
+ALEMBIC_ELSEWHERE = (
+    "asgi_db_session.testing: the env.py of {config} did not run the migrations on the connection it was given "
+    "({detail}). Make it run them on config.attributes['connection'] when that is set, as "
+    "examples/alembic/env.py does."
+)
+AT_ANOTHER_REVISION = "after `alembic upgrade {revision}` the database at {url} is at {found!r}, not {expected!r}"
+OWN_EVENT_LOOP = "it started an event loop of its own: {error}"
 
-class NoSessionError(RuntimeError):
+
+class AsgiDbSessionError(Exception):
+    """The base of every exception asgi_db_session defines: ``except AsgiDbSessionError`` catches them all."""
+
+
+class NoSessionError(AsgiDbSessionError, RuntimeError):
     """current_session() was called where no session scope is active."""
 
 
-class ConcurrentSessionUseError(RuntimeError):
+class UnknownDatabaseError(NoSessionError, LookupError):
+    """No Database of the name asked for exists (``get_database()``, ``session_scope()`` outside a request).
+
+    A NoSessionError too, as it was before it had a class of its own: no session can be had for that name.
+    """
+
+
+class ConcurrentSessionUseError(AsgiDbSessionError, RuntimeError):
     """A second task started an operation on a session while another task's operation was still running."""
 
 
-class CommitFailedError(Exception):
+class UsageError(AsgiDbSessionError, RuntimeError):
+    """A call made where it cannot work; the message says where it does (``query_stats()`` without counting, say)."""
+
+
+class CommitFailedError(AsgiDbSessionError):
     """The middleware's commit of a request's session failed; ``__cause__`` is the database error.
 
     Raised into the app at the ``send`` call that would have started the response, so the app stops (its
@@ -118,5 +273,5 @@ class CommitFailedError(Exception):
     """
 
 
-class DatabaseUnavailableError(ConnectionError):
+class DatabaseUnavailableError(AsgiDbSessionError, ConnectionError):
     """The database could not be reached; the message names it with the password masked."""

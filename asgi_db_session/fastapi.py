@@ -13,6 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ._context import current_session
 
+__all__ = [
+    "SessionDep",
+    "session_dependency",
+]
+
+
 # The dependencies are async although they do no IO: FastAPI runs a plain ``def`` dependency in its
 # threadpool, a thread hop per request for reading a ContextVar.
 

@@ -9,9 +9,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .database import get_database
-from .exceptions import DatabaseUnavailableError
+from .exceptions import HEALTH_TIMEOUT, DatabaseUnavailableError
 
-logger = logging.getLogger("asgi_db_session")
+__all__ = [
+    "health_endpoint",
+]
+
+
+_logger = logging.getLogger("asgi_db_session")
 
 
 def health_endpoint(name: str = "default", *, timeout: float = 2.0) -> Callable[[Request], Awaitable[Response]]:
@@ -24,14 +29,14 @@ def health_endpoint(name: str = "default", *, timeout: float = 2.0) -> Callable[
     middleware does not cover.
     """
     if timeout <= 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        raise ValueError(HEALTH_TIMEOUT.format(timeout=timeout))
 
     async def health(request: Request) -> Response:
         try:
             await get_database(name).check(timeout=timeout)
         except DatabaseUnavailableError as exc:
             # One line per failed check, though the driver's text may hold a newline.
-            logger.warning("Health check of database %r failed: %s", name, str(exc).replace("\n", " "))
+            _logger.warning("Health check of database %r failed: %s", name, str(exc).replace("\n", " "))
             return JSONResponse({"database": "unavailable"}, status_code=503, headers={"Retry-After": "1"})
         return JSONResponse({"database": "ok"})
 

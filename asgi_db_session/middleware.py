@@ -14,9 +14,21 @@ from ._session import commit, finish
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .database import Database
 from .error_responses import INTERNAL_SERVER_ERROR, ErrorResponse, ErrorResponseMapper, default_error_response
-from .exceptions import COMMIT_FAILED, COMMIT_FAILED_LATE, CommitFailedError
-from .query_insight import QueryStats, stats_var, warn_if_over
+from .exceptions import (
+    COMMIT_FAILED,
+    COMMIT_FAILED_LATE,
+    MIDDLEWARE_NAME_MISMATCH,
+    MIDDLEWARE_SESSION_OPTIONS_WITH_DATABASE,
+    TWO_ENGINE_SOURCES,
+    CommitFailedError,
+)
+from .query_insight import QueryStats, _stats_var, _warn_if_over
 from .settings import DatabaseSettings
+
+__all__ = [
+    "DBSessionMiddleware",
+]
+
 
 # Messages that end an HTTP response: the last chance to fail it visibly if a late commit fails.
 _FINAL_BODY_TYPES = frozenset({"http.response.body", "http.response.pathsend", "http.response.zerocopysend"})
@@ -26,14 +38,14 @@ _START_TYPES = frozenset({"http.response.start", "websocket.http.response.start"
 _NORMAL_CLOSE_CODES = frozenset({1000, 1001, 1005})
 _SHUTDOWN_TYPES = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 
-logger = logging.getLogger("asgi_db_session")
+_logger = logging.getLogger("asgi_db_session")
 
 
 def _log_answered(scope: Scope, error: BaseException, response: ErrorResponse) -> None:
     # The driver's first line ("duplicate key value violates unique constraint ...") says what happened;
     # SQLAlchemy's full text would add the statement's parameters, which may hold personal data.
     reason = str(getattr(error, "orig", None) or error).split("\n", 1)[0]
-    logger.warning(
+    _logger.warning(
         "%s %s answered %d: %s: %s",
         scope.get("method", ""),
         scope.get("path", ""),
@@ -123,8 +135,11 @@ class DBSessionMiddleware:
         ]
         if len(given) > 1:
             raise ValueError(
-                f"DBSessionMiddleware takes one engine source, got {' and '.join(given)}: "
-                "pass only one of database=, engine=, url=, settings=."
+                TWO_ENGINE_SOURCES.format(
+                    owner="DBSessionMiddleware",
+                    given=" and ".join(given),
+                    choices="database=, engine=, url=, settings=",
+                )
             )
         self.app = app
         self._settings_error: str | None = None
@@ -147,9 +162,9 @@ class DBSessionMiddleware:
                 self._settings_error = str(exc)
                 return
         elif session_options is not None:
-            raise ValueError("With database=, give session_options= to Database(...) instead of the middleware.")
+            raise ValueError(MIDDLEWARE_SESSION_OPTIONS_WITH_DATABASE)
         elif name is not None and name != database.name:
-            raise ValueError(f"name={name!r} does not match the name of database= ({database.name!r}); drop one.")
+            raise ValueError(MIDDLEWARE_NAME_MISMATCH.format(name=name, database=database.name))
         self.database = database
         self.commit_on_success = database.commit_on_success if commit_on_success is None else commit_on_success
         self.dispose_on_shutdown = dispose_on_shutdown
@@ -160,7 +175,7 @@ class DBSessionMiddleware:
         self._counting = count_queries or server_timing or warn_over_queries is not None
         if self._counting:
             database.count_queries()
-        self._stats_var = stats_var(database.name)
+        self._stats_var = _stats_var(database.name)
 
     def __repr__(self) -> str:
         if self._settings_error is not None:
@@ -236,7 +251,7 @@ class DBSessionMiddleware:
             if counting:
                 self._stats_var.reset(stats_token)
                 if self.warn_over_queries is not None:
-                    warn_if_over(scope, self.database.name, stats, self.warn_over_queries)
+                    _warn_if_over(scope, self.database.name, stats, self.warn_over_queries)
         failure = state.failure
         if failure is not None:
             if state.failure_response is None:

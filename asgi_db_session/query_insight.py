@@ -18,18 +18,20 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, ExecutionContext
 
 from ._types import Scope
+from .exceptions import NOT_COUNTING, UsageError
 
-logger = logging.getLogger("asgi_db_session")
+__all__ = [
+    "QueryStats",
+    "query_stats",
+]
+
+
+_logger = logging.getLogger("asgi_db_session")
 
 _vars: dict[str, ContextVar[QueryStats | None]] = {}
 _STARTED = "_asgi_db_session_started"
 # The names whose statements each engine counts already.
 _counted: weakref.WeakKeyDictionary[Engine, set[str]] = weakref.WeakKeyDictionary()
-
-NOT_COUNTING = (
-    "Queries of database {name!r} are not being counted here: query_stats() works inside a request of a "
-    "DBSessionMiddleware(..., count_queries=True) (or server_timing=True, or warn_over_queries=N)."
-)
 
 
 @dataclass(slots=True)
@@ -46,7 +48,7 @@ class QueryStats:
         return f'{metric};dur={self.seconds * 1000:.2f};desc="{self.statements} {plural}"'.encode("latin-1")
 
 
-def stats_var(name: str) -> ContextVar[QueryStats | None]:
+def _stats_var(name: str) -> ContextVar[QueryStats | None]:
     """The ContextVar holding the counts of the current request for database ``name``."""
     var = _vars.get(name)
     if var is None:
@@ -56,13 +58,13 @@ def stats_var(name: str) -> ContextVar[QueryStats | None]:
 
 def query_stats(name: str = "default") -> QueryStats:
     """The statements and database time of the current request on database ``name``, up to now."""
-    stats = stats_var(name).get()
+    stats = _stats_var(name).get()
     if stats is None:
-        raise RuntimeError(NOT_COUNTING.format(name=name))
+        raise UsageError(NOT_COUNTING.format(name=name))
     return stats
 
 
-def count_queries_on(engine: Engine, name: str) -> None:
+def _count_queries_on(engine: Engine, name: str) -> None:
     """Charge every statement that ``engine`` runs to the current request's QueryStats for ``name``.
 
     Once per engine and name, however many Databases of that name are built on the engine (a session-scoped
@@ -75,7 +77,7 @@ def count_queries_on(engine: Engine, name: str) -> None:
     if name in names:
         return
     names.add(name)
-    var = stats_var(name)
+    var = _stats_var(name)
 
     def before(conn: Connection, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
         stats = var.get()
@@ -105,21 +107,21 @@ def _charge(var: ContextVar[QueryStats | None], context: Any) -> None:
         setattr(context, _STARTED, None)
 
 
-def route_name(scope: Scope) -> str:
+def _route_name(scope: Scope) -> str:
     """The route's path template where the router left one (``/notes/{id}``), else the request path."""
     route = scope.get("route")
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else str(scope.get("path", "?"))
 
 
-def warn_if_over(scope: Scope, name: str, stats: QueryStats, limit: int) -> None:
+def _warn_if_over(scope: Scope, name: str, stats: QueryStats, limit: int) -> None:
     """Log a warning naming the route when one request ran more than ``limit`` statements."""
     if stats.statements > limit:
-        logger.warning(
+        _logger.warning(
             "%s %s ran %d statements on database %r (more than %d): an N+1 query pattern? "
             "Load related rows together (selectinload, a join) instead of one query per row.",
             scope.get("method", "WEBSOCKET"),
-            route_name(scope),
+            _route_name(scope),
             stats.statements,
             name,
             limit,

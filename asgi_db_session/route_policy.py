@@ -13,14 +13,20 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ._types import Scope
+from .exceptions import POLICY_CANNOT_MARK, POLICY_WITHOUT_SESSION
 
-Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+__all__ = [
+    "session_policy",
+]
+
+
+_Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
 
 _ATTRIBUTE = "__asgi_db_session_policy__"
 
 
 @dataclass(frozen=True, slots=True)
-class SessionPolicy:
+class _SessionPolicy:
     """An endpoint's own session policy; see ``session_policy``."""
 
     session: bool = True
@@ -31,7 +37,7 @@ class SessionPolicy:
 
 def session_policy(
     *, session: bool = True, read_only: bool = False, commit_on_success: bool | None = None
-) -> Callable[[Endpoint], Endpoint]:
+) -> Callable[[_Endpoint], _Endpoint]:
     """Mark an endpoint (function or HTTPEndpoint class) with its own session policy, for every database.
 
     - ``session=False``: the endpoint needs no database; ``current_session()`` in it raises NoSessionError
@@ -43,26 +49,21 @@ def session_policy(
     Works above or below ``@app.get(...)``: it marks the function itself and returns it unchanged.
     """
     if not session and (read_only or commit_on_success is not None):
-        raise ValueError(
-            "session_policy(session=False) takes no read_only= or commit_on_success=: there is no session."
-        )
+        raise ValueError(POLICY_WITHOUT_SESSION)
 
-    def mark(endpoint: Endpoint) -> Endpoint:
+    def mark(endpoint: _Endpoint) -> _Endpoint:
         name = getattr(endpoint, "__qualname__", None) or repr(endpoint)
-        policy = SessionPolicy(session, read_only, commit_on_success, name)
+        policy = _SessionPolicy(session, read_only, commit_on_success, name)
         try:
             setattr(endpoint, _ATTRIBUTE, policy)
         except AttributeError:
-            raise TypeError(
-                f"session_policy() cannot mark {name}: it takes no attributes (a bound method or a "
-                "functools.partial?). Mark the function itself, or the HTTPEndpoint class."
-            ) from None
+            raise TypeError(POLICY_CANNOT_MARK.format(name=name)) from None
         return endpoint
 
     return mark
 
 
-def policy_of(scope: Scope) -> SessionPolicy | None:
+def _policy_of(scope: Scope) -> _SessionPolicy | None:
     """The policy of the endpoint the router chose for this request, if it has one."""
     endpoint = scope.get("endpoint")
     return None if endpoint is None else getattr(endpoint, _ATTRIBUTE, None)

@@ -13,6 +13,11 @@ from ._context import ScopeState, enter, leave, scope_var
 from .database import get_database
 from .exceptions import SCOPE_SESSION_CLASS
 
+__all__ = [
+    "session_scope",
+]
+
+
 # What makes a session the package's kind (the guard, the on_commit hooks): the database decides, not a block.
 _CLASS_OPTIONS = ("class_", "sync_session_class")
 

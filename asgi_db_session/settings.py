@@ -13,15 +13,22 @@ from sqlalchemy.pool import QueuePool
 
 from ._ssl import SslFile, asyncpg_ssl
 from ._urls import AsyncpgQuery, asyncpg_query, redact_url, to_async_url
-from .exceptions import SETTING_DISAGREES_WITH_URL, URL_VALUE_DISAGREES_WITH_SETTING
+from .exceptions import (
+    ASYNCPG_ONLY,
+    INVALID_SETTINGS,
+    NO_URL,
+    SETTING_DISAGREES_WITH_URL,
+    URL_VALUE_DISAGREES_WITH_SETTING,
+)
+
+__all__ = [
+    "DatabaseSettings",
+    "SslMode",
+]
+
 
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
-NO_URL = (
-    "No database URL: set the DATABASE_URL environment variable (e.g. "
-    "DATABASE_URL=postgresql+asyncpg://user:password@host:5432/dbname) or pass url= to DBSessionMiddleware/Database."
-)
-ASYNCPG_ONLY = "{field} (DATABASE_{env}) is supported on PostgreSQL through asyncpg only, and the URL is {url!r}."
 _ASYNCPG_ONLY_FIELDS = (
     "application_name",
     "statement_timeout",
@@ -32,7 +39,7 @@ _ASYNCPG_ONLY_FIELDS = (
 )
 
 
-def settings_from_environment(**given: Any) -> DatabaseSettings:
+def _settings_from_environment(**given: Any) -> DatabaseSettings:
     """``DatabaseSettings(**given)``, with a validation error restated in the environment's terms.
 
     pydantic names the field (``pool_size``); the person who has to fix it set ``DATABASE_POOL_SIZE``.
@@ -50,7 +57,7 @@ def settings_from_environment(**given: Any) -> DatabaseSettings:
             field = str(error["loc"][0])
             source = f"{field}=" if field in given else f"DATABASE_{field.upper()}"
             problems.append(f"{source}: {message}")
-        raise ValueError("Invalid database settings: " + "; ".join(problems)) from None
+        raise ValueError(INVALID_SETTINGS.format(problems="; ".join(problems))) from None
 
 
 class DatabaseSettings(BaseSettings):

@@ -72,9 +72,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from . import _testing_schema
 from ._context import ScopeState, enter, exit_scope
-from ._testing_schema import ALEMBIC_ELSEWHERE, ALEMBIC_MISSING, SEVERAL_HEADS, TABLES_EXIST
 from .database import Database, get_database
-from .exceptions import NoSessionError
+from .exceptions import (
+    ALEMBIC_ELSEWHERE,
+    ALEMBIC_MISSING,
+    NOT_A_DATABASE,
+    NOT_CREATED_YET,
+    NOT_STARTED,
+    SEVERAL_HEADS,
+    TABLES_EXIST,
+    TESTING_EXTRA_MISSING,
+    UnknownDatabaseError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     import os
@@ -87,29 +97,22 @@ if TYPE_CHECKING:
 __all__ = [
     "ALEMBIC_ELSEWHERE",
     "ALEMBIC_MISSING",
+    "NOT_A_DATABASE",
+    "NOT_CREATED_YET",
+    "NOT_STARTED",
     "SEVERAL_HEADS",
     "TABLES_EXIST",
+    "TESTING_EXTRA_MISSING",
+    "database",
+    "db_client",
+    "db_schema",
+    "db_session",
     "outer_transaction",
     "outer_transaction_in",
     "override_session",
     "schema_from_alembic",
     "schema_from_metadata",
 ]
-
-NOT_CREATED_YET = (
-    "asgi_db_session.testing: no Database named {name!r} exists, and none could be made from the environment "
-    "({reason}). Set DATABASE_URL for the tests, or create the app's Database yourself, pass it to the "
-    "middleware (DBSessionMiddleware, database=db) and return it from a `database` fixture in your conftest.py."
-)
-NOT_STARTED = (
-    "asgi_db_session.testing: the TestClient is not started. Use it as `with TestClient(app) as client:`; "
-    "without `with`, every request runs on a new event loop and the test's connection cannot serve them."
-)
-NOT_A_DATABASE = "asgi_db_session.testing: the `database` fixture returned {value!r}; it must return a Database."
-TESTING_EXTRA_MISSING = (
-    "asgi_db_session.testing: the db_client fixture needs {module}, which is not installed. "
-    "Install the plugin's extra: pip install 'asgi-db-session[testing]'."
-)
 
 
 def _lookup(name: str) -> Database:
@@ -120,12 +123,12 @@ def _lookup(name: str) -> Database:
     """
     try:
         return get_database(name)
-    except NoSessionError:
+    except UnknownDatabaseError:
         pass
     try:
         return Database(name=name)
     except ValueError as exc:
-        raise LookupError(NOT_CREATED_YET.format(name=name, reason=exc)) from None
+        raise UnknownDatabaseError(NOT_CREATED_YET.format(name=name, reason=exc)) from None
 
 
 async def _begin_outer(connection: AsyncConnection) -> None:
@@ -193,7 +196,7 @@ def outer_transaction_in(
     """
     portal = client.portal
     if portal is None:
-        raise RuntimeError(NOT_STARTED)
+        raise UsageError(NOT_STARTED)
     return portal.wrap_async_context_manager(outer_transaction(database))
 
 

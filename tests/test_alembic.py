@@ -31,7 +31,7 @@ from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from asgi_db_session import Database
-from asgi_db_session.settings import NO_URL
+from asgi_db_session.exceptions import NO_URL
 from asgi_db_session.testing import ALEMBIC_ELSEWHERE, schema_from_alembic
 from examples.notes.models import Base
 
