@@ -8,7 +8,8 @@ A scope's life is ``enter()`` and ``leave()`` (or ``opened()``, both around a bl
 reset it, end the state and finish its session, committing only after a clean exit when the scope's policy
 says so, rolling back after any exception (a cancellation too). ``session_scope()``, the ``on_commit()`` runner
 and the testing plugin use them; the middleware spells the same steps out inline for its per-request path,
-where each call is a measurable share of a request that never queries (see benchmarks/README.md).
+where each call is a measurable share of a request that never queries (benchmarks/README.md, "Reading the
+results").
 """
 
 from __future__ import annotations

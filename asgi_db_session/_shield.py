@@ -110,6 +110,6 @@ def shielded(work: Coroutine[Any, Any, T]) -> Awaitable[T]:
 
     A task of its own, so that the work's own timeouts cancel only it. (Driving the work in the caller's task,
     a _Waiter for each future it waits on, costs more CPU per request under concurrency: asyncio's C task steps
-    a task of its own on real futures faster; see benchmarks/README.md.)
+    a task of its own on real futures faster; measured in benchmarks/README.md, "Reading the results".)
     """
     return _wait_for(asyncio.get_running_loop().create_task(work))

@@ -278,7 +278,7 @@ class Database:
         dialect = sync_engine.dialect
         # The dialect's own connect, wrapped on this engine's dialect rather than through a "do_connect" listener:
         # any dialect listener makes SQLAlchemy dispatch dialect events at every statement (do_execute,
-        # do_setinputsizes), ~6k instructions per statement here (benchmarks/instructions.py, /ten). Wrapped
+        # do_setinputsizes), a cost per statement (measured in benchmarks/README.md, "Reading the results"). Wrapped
         # once: a second Database on the same engine joins the wrapper. (setattr: mypy refuses an assignment to
         # a method.)
         wrapper = vars(dialect).get("connect")
