@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import re
 import tokenize
@@ -46,3 +47,34 @@ def test_the_figure_finder_finds_one() -> None:
     source = 'x = "5%"  # costs ~6k instructions per statement\ndef f():\n    """Twice as fast."""\n'
     texts = [text for _, text in _comment_and_docstring_text(source) if FIGURE.search(text)]
     assert texts == ["# costs ~6k instructions per statement"]
+
+
+def _imports_from(tree: ast.AST, module: str) -> set[str]:
+    return {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module == module
+        for alias in node.names
+    }
+
+
+def _calls_method(tree: ast.AST, *methods: str) -> bool:
+    return any(
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in methods
+        for node in ast.walk(tree)
+    )
+
+
+def test_the_scope_lifecycle_is_written_once() -> None:
+    """Entering and leaving a scope (the ContextVar set and reset, the state ended, the session finished) is
+    _context.py's, used by every scope; the middleware alone spells it out, for its per-request path."""
+    finishing: set[str] = set()
+    setting: set[str] = set()
+    for path in sorted(PACKAGE.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        if "finish" in _imports_from(tree, "_session"):
+            finishing.add(path.stem)
+        if "scope_var" in _imports_from(tree, "_context") and _calls_method(tree, "set", "reset"):
+            setting.add(path.stem)
+    assert finishing == {"_context", "middleware"}
+    assert setting == {"middleware"}
