@@ -2,7 +2,7 @@
 
     python benchmarks/soak.py [--requests 200000] [--concurrency 16] [--every 10000] [--warm-up 20000]
 
-Runs tests/server_app.py under uvicorn on PostgreSQL (``--database-url``, default ``TEST_DATABASE_URL`` or
+Runs tests/system/server_app.py under uvicorn on PostgreSQL (``--database-url``, default ``TEST_DATABASE_URL`` or
 the local test database), sends ``--requests`` requests (one POST /write for three GET /read) from
 ``--concurrency`` keep-alive connections, and every ``--every`` requests prints the server process's RSS, its
 traced Python memory (tracemalloc, unless ``--no-tracemalloc``), its open sessions and the checked-out
@@ -29,7 +29,7 @@ if not __package__:
 
 from sqlalchemy.engine import make_url
 
-from tests.server import (
+from tests.system.server import (
     Load,
     backends,
     drop_table,

@@ -15,7 +15,7 @@ from asgi_db_session.health import health_endpoint
 
 from .asgi import silent_server
 from .conftest import client
-from .server import free_port
+from .system.server import free_port
 
 PASSWORD = "Zx9Qv7kPw"
 

@@ -1,6 +1,6 @@
 """A primary and a streaming hot standby of this test run's own, for the read replica tests.
 
-Both are throwaway clusters made with Debian's postgresql-common tools, like tests/pg_cluster.py's (whose
+Both are throwaway clusters made with Debian's postgresql-common tools, like tests/system/pg_cluster.py's (whose
 helpers this uses): on free ports of 127.0.0.1, ``trust`` authentication, ``fsync = off``. The primary also
 accepts replication connections from 127.0.0.1; the standby is a ``pg_basebackup -R`` of it (``-R`` writes
 ``primary_conninfo`` and ``standby.signal``), streaming the primary's WAL and answering read-only queries.
@@ -49,13 +49,13 @@ local   replication   all                  trust
 host    replication   all   127.0.0.1/32   trust
 """
 PRIMARY_SETTINGS = """
-# Added by asgi_db_session's tests/pg_replica.py.
+# Added by asgi_db_session's tests/system/pg_replica.py.
 wal_level = replica
 max_wal_senders = 4
 """
 # hot_standby is on by default; named so that the config says what the cluster is for.
 STANDBY_SETTINGS = """
-# Added by asgi_db_session's tests/pg_replica.py.
+# Added by asgi_db_session's tests/system/pg_replica.py.
 hot_standby = on
 """
 # Roles the tests can connect to the standby as, to tell apart two replica URLs of the same server. Made on the

@@ -1,13 +1,13 @@
 """The middleware under real servers: clients that hang up, several worker processes, a fork after import.
 
-Each test starts tests/server_app.py in a subprocess (uvicorn, or gunicorn with uvicorn workers) on a free
+Each test starts tests/system/server_app.py in a subprocess (uvicorn, or gunicorn with uvicorn workers) on a free
 port of 127.0.0.1, with a PostgreSQL application_name of its own, so that ``pg_stat_activity`` shows exactly
 that server's backends. The app reports its pool and session counts at /stats without touching the database.
 
 What uvicorn does when a client hangs up (0.54): it marks the request disconnected, turns the response into
 a no-op and makes ``receive()`` return ``http.disconnect``; it does NOT cancel the request. Starlette's
 StreamingResponse listens for that message and cancels its body with an anyio cancel scope; anything else
-runs to its end unless the app cancels it (tests/server_app.py's CancelOnDisconnect does, the way Starlette
+runs to its end unless the app cancels it (tests/system/server_app.py's CancelOnDisconnect does, the way Starlette
 does).
 """
 
@@ -26,7 +26,7 @@ import asyncpg
 import httpx
 import pytest
 
-from .conftest import PG_URL
+from ..conftest import PG_URL
 from .server import (
     BackendSampler,
     Server,

@@ -1,7 +1,7 @@
 """Real servers that must not start: a bad ``DATABASE_*`` setting, or a database the startup check cannot use.
 
 Each test starts a server process on a free port of 127.0.0.1. When a setting is wrong (no DATABASE_URL,
-DATABASE_POOL_SIZE=abc, a sync driver), the README's app (tests/readme_app.py) must stop uvicorn (lifespan
+DATABASE_POOL_SIZE=abc, a sync driver), the README's app (tests/system/readme_app.py) must stop uvicorn (lifespan
 "auto" and "on"), hypercorn and granian; with ``DATABASE_CHECK_ON_STARTUP=true``, a database that does not
 answer or refuses the login must stop uvicorn. The process must exit with a non-zero status instead of
 serving, and its output must say why in one line an operator can act on, with the URL's password masked: no
@@ -26,7 +26,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from .conftest import PG_URL
+from ..conftest import PG_URL
 from .pg_cluster import PASSWORD_ROLE, ROLE_PASSWORD, Cluster, pg_cluster
 from .server import (
     README_APP,
@@ -63,7 +63,7 @@ def pieces(*passwords: str) -> set[str]:
 async def run_until_exit(
     database_url: str | None, env: Mapping[str, str] | None = None, command: Command | None = None
 ) -> tuple[int, str]:
-    """Start ``command`` (uvicorn on tests/server_app.py, with the startup check on, by default) on a free port;
+    """Start ``command`` (uvicorn on tests/system/server_app.py, with the startup check on, by default) on a free port;
     its exit status and output once it has exited."""
     port = free_port()
     if command is None:

@@ -1,5 +1,5 @@
 """SSL for real: URLs with libpq's SSL parameters against a throwaway cluster that takes SSL connections only
-(tests/pg_ssl.py), with certificates from a CA the test made.
+(tests/system/pg_ssl.py), with certificates from a CA the test made.
 
 Each test asks the server, in ``pg_stat_ssl``, whether its own connection is encrypted; the cluster refuses a
 connection that is not, so a test that gets in without SSL cannot pass by accident.
@@ -29,7 +29,7 @@ from asgi_db_session import (
 )
 from asgi_db_session._ssl import SslFile, asyncpg_ssl, default_root_cert
 
-from .conftest import client
+from ..conftest import client
 from .pg_ssl import CERT_ROLE, SslCluster, make_certificates, ssl_cluster
 
 __all__ = ["ssl_cluster"]  # the session fixture, imported so that pytest finds it for this module
@@ -173,7 +173,7 @@ def test_the_shown_url_says_what_is_in_force(ssl_cluster: SslCluster) -> None:
 
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The CA, server and client files of tests/pg_ssl.py, without a cluster: for what happens at construction."""
+    """The CA, server and client files of pg_ssl.py, without a cluster: for what happens at construction."""
     directory = tmp_path_factory.mktemp("certificates")
     make_certificates(directory)
     return directory

@@ -28,7 +28,7 @@ import pytest
 DATABASE = "adbs_faults"
 # Only connections from this machine, over TCP to 127.0.0.1 or the cluster's own Unix socket, no password.
 PG_HBA = """\
-# Written by asgi_db_session's tests/pg_cluster.py: a throwaway cluster, reachable from this machine only.
+# Written by asgi_db_session's tests/system/pg_cluster.py: a throwaway cluster, reachable from this machine only.
 local   all   all                  trust
 host    all   all   127.0.0.1/32   trust
 """
@@ -43,7 +43,7 @@ host    all   {PASSWORD_ROLE}   127.0.0.1/32   scram-sha-256
 # Appended to postgresql.conf (the last setting wins). Throwaway data: a clean (fast) shutdown still writes
 # everything out, and without fsync the cluster starts and restarts sooner.
 SETTINGS = """
-# Added by asgi_db_session's tests/pg_cluster.py.
+# Added by asgi_db_session's tests/system/pg_cluster.py.
 listen_addresses = '127.0.0.1'
 ssl = off
 fsync = off

@@ -1,6 +1,6 @@
 """Read replicas: read-only sessions on a streaming hot standby, everything else on the primary.
 
-A real primary and standby (tests/pg_replica.py): where a session ran is what the server says,
+A real primary and standby (tests/system/pg_replica.py): where a session ran is what the server says,
 ``pg_is_in_recovery()`` (true only on the standby); which of two replica URLs it used is ``current_user``
 (the two URLs reach the same standby as two roles). Writes of the test itself go to the primary, and the test
 waits until the standby has replayed them; a test that must know the standby cannot have a write pauses its
@@ -33,9 +33,9 @@ from asgi_db_session import (
 )
 from asgi_db_session._types import ASGIApp
 
-from .asgi import Channel
-from .conftest import client
-from .models import TABLE, Item
+from ..asgi import Channel
+from ..conftest import client
+from ..models import TABLE, Item
 from .pg_replica import READERS, ReplicaSet, pg_replica_set
 
 __all__ = ["pg_replica_set"]  # the session fixture, imported so that pytest finds it for this module

@@ -1,6 +1,6 @@
 """A soak run under uvicorn: many keep-alive requests leave no session, connection or memory behind.
 
-tests/server_app.py runs with tracemalloc on, and counts its sessions (open: created and not yet closed;
+tests/system/server_app.py runs with tracemalloc on, and counts its sessions (open: created and not yet closed;
 alive: not yet freed) and its pool's connections, invalidations and checkouts. The pool has fewer
 connections than there are clients, so requests also wait for a connection; the pool timeout is short, so a
 connection that was never given back would turn into errors within seconds instead of a slow test.
@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import PG_URL
+from ..conftest import PG_URL
 from .server import (
     BackendSampler,
     RawLoad,

@@ -3,7 +3,7 @@
 The requests are cancelled mid-statement (``pg_sleep``), while their transaction is open and idle (between
 statements), and while the middleware commits; by ``task.cancel()`` (what a server does), by an anyio cancel
 scope in an outer middleware (what a timeout middleware, or Starlette, does), and, for a smaller share, by a
-real client that closes its socket on uvicorn (tests/server_app.py cancels a request whose client went away).
+real client that closes its socket on uvicorn (tests/system/server_app.py cancels a request whose client went away).
 The other 700 are ordinary requests running alongside.
 
 Afterwards: every connection is back in the pool, no backend of ours is idle in transaction, the garbage
@@ -45,8 +45,8 @@ from starlette.routing import Route
 from asgi_db_session import Database, DatabaseSettings, DBSessionMiddleware, current_session
 from asgi_db_session._types import ASGIApp
 
-from .asgi import Channel, http_scope
-from .conftest import PG_URL
+from ..asgi import Channel, http_scope
+from ..conftest import PG_URL
 from .server import Server, backends, free_port, log_problems, serve, terminate_backends, uvicorn_command
 from .test_server import settle
 

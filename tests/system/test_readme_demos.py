@@ -17,14 +17,14 @@ import httpx
 import pytest
 from starlette.routing import Route
 
-from .conftest import Backend
+from ..conftest import Backend
 from .test_examples import DEMOS, _demo_env, _free_port, _wait_until_serving, notes_db, notes_pg_database, serving
 
 __all__ = ["notes_db", "notes_pg_database"]  # fixtures shared with the demos' own tests
 
 pytestmark = pytest.mark.anyio
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 ORIGIN = "localhost:8000"
 FASTAPI_ONLY = "FastAPI demo only"
 

@@ -1,7 +1,7 @@
-"""Run an app (tests/server_app.py by default) under a real server in a subprocess: uvicorn, gunicorn with
+"""Run an app (tests/system/server_app.py by default) under a real server in a subprocess: uvicorn, gunicorn with
 uvicorn workers, hypercorn or granian.
 
-Used by tests/test_server.py, tests/test_startup_process.py, tests/test_soak.py and benchmarks/soak.py.
+Used by tests/system/test_server.py, test_startup_process.py, test_soak.py and benchmarks/soak.py.
 Everything listens on and connects to 127.0.0.1 only.
 """
 
@@ -26,10 +26,10 @@ from typing import Any
 import asyncpg
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-APP = "tests.server_app:app"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+APP = "tests.system.server_app:app"
 # The README's quick start: app.add_middleware(DBSessionMiddleware), everything from DATABASE_*.
-README_APP = "tests.readme_app:app"
+README_APP = "tests.system.readme_app:app"
 CREATE_TABLE = "CREATE TABLE IF NOT EXISTS {table} (id BIGSERIAL PRIMARY KEY, name TEXT NOT NULL)"
 # Server log lines that mean something went wrong, whatever the test was about: a traceback, an error logged
 # by uvicorn or gunicorn, any warning (SQLAlchemy's "garbage collector is trying to clean up non-checked-in

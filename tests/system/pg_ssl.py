@@ -1,6 +1,6 @@
 """A throwaway PostgreSQL cluster that takes SSL connections only, with certificates from a CA the test makes.
 
-Made like tests/pg_cluster.py's (whose helpers this uses): pg_createcluster on a free port of 127.0.0.1, ``fsync =
+Made like pg_cluster.py's (whose helpers this uses): pg_createcluster on a free port of 127.0.0.1, ``fsync =
 off``, dropped at the end of the session; the shared server on 5432 is never touched. The certificates are
 made with the ``openssl`` command (Debian's ``openssl`` package, which postgresql-common needs through
 ``ssl-cert``): a CA, the server's certificate signed by it for ``IP:127.0.0.1`` only (so that ``localhost`` is a
@@ -42,13 +42,13 @@ from .pg_cluster import (
 CERT_ROLE = "adbs_cert"
 # SSL only: no plain "host" line, so that a connection that is not encrypted finds none and is refused.
 SSL_HBA = f"""\
-# Written by asgi_db_session's tests/pg_ssl.py: a throwaway cluster, reachable from this machine only.
+# Written by asgi_db_session's tests/system/pg_ssl.py: a throwaway cluster, reachable from this machine only.
 local     all   all                          trust
 hostssl   all   {CERT_ROLE}   127.0.0.1/32   cert
 hostssl   all   all           127.0.0.1/32   trust
 """
 SSL_SETTINGS = """
-# Added by asgi_db_session's tests/pg_ssl.py.
+# Added by asgi_db_session's tests/system/pg_ssl.py.
 ssl = on
 ssl_cert_file = '{directory}/server.crt'
 ssl_key_file = '{directory}/server.key'

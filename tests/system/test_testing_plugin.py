@@ -50,7 +50,7 @@ from asgi_db_session.testing import (
     schema_from_metadata,
 )
 
-from .conftest import PG_URL
+from ..conftest import PG_URL
 
 pytest_plugins = ["pytester"]
 
@@ -512,7 +512,7 @@ def test_override_session_in_a_fixture_reaches_the_test(pytester: pytest.Pyteste
 
 # The README's Testing example, run the way a user runs it.
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 README = REPO_ROOT / "README.md"
 
 

@@ -23,9 +23,9 @@ from asgi_db_session import (
     current_session,
 )
 
-from .asgi import run_lifespan
-from .conftest import Backend, client
-from .models import TABLE, Item
+from ..asgi import run_lifespan
+from ..conftest import Backend, client
+from ..models import TABLE, Item
 from .pg_cluster import PASSWORD_ROLE, ROLE_PASSWORD, Cluster, pg_cluster
 
 __all__ = ["pg_cluster"]  # the session fixture, imported so that pytest finds it for this module

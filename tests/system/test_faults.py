@@ -2,7 +2,7 @@
 
 Everything runs against a real PostgreSQL: backends are killed with ``pg_terminate_backend`` (each test's
 Database has an ``application_name`` of its own, so only its own backends are touched), a whole cluster is
-restarted (a throwaway one, from ``tests/pg_cluster.py``: never the shared server), commits fail on real
+restarted (a throwaway one, from ``tests/system/pg_cluster.py``: never the shared server), commits fail on real
 constraints and real serialization conflicts. What the tests hold the middleware to:
 
 - never a 2xx for a write that was lost: every 2xx write is in the table, as a second connection sees it;
@@ -46,8 +46,8 @@ from asgi_db_session import Database, DatabaseSettings, DBSessionMiddleware, cur
 from asgi_db_session._types import ASGIApp, Message, Receive, Scope, Send
 from asgi_db_session.exceptions import CLEANUP_FAILED
 
-from .asgi import http_scope
-from .conftest import PG_URL, client
+from ..asgi import http_scope
+from ..conftest import PG_URL, client
 from .pg_cluster import Cluster, pg_cluster
 
 __all__ = ["pg_cluster"]  # the session fixture, imported so that pytest finds it for this module

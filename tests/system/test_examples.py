@@ -31,12 +31,12 @@ from asgi_db_session.error_responses import CONFLICT
 from examples.fastapi_notes import create_app as create_fastapi_app
 from examples.notes import create_app
 
-from .asgi import Channel
-from .conftest import Backend, client
+from ..asgi import Channel
+from ..conftest import Backend, client
 
 pytestmark = pytest.mark.anyio
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ROWS = "SELECT id, title, body FROM notes ORDER BY id"
 
 

@@ -1,6 +1,6 @@
 """Behind PgBouncer in transaction mode: what ``DATABASE_PGBOUNCER`` is for, and that it is enough.
 
-PgBouncer (tests/pgbouncer.py, Debian's 1.18: no prepared statement support of its own) hands each
+PgBouncer (tests/system/pgbouncer.py, Debian's 1.18: no prepared statement support of its own) hands each
 transaction whichever server connection is free, so that one client connection's transactions run on many
 server connections and one server connection serves many clients. Named prepared statements live on a server
 connection; asyncpg's statement cache and SQLAlchemy's (both on by default) name theirs per *client*
@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 from asgi_db_session import Database, DatabaseSettings, DBSessionMiddleware, current_session
 
-from .conftest import client
+from ..conftest import client
 from .pgbouncer import DEFAULT_POOL_SIZE, PgBouncer, running_pgbouncer
 
 pytestmark = pytest.mark.anyio

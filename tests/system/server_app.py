@@ -1,4 +1,4 @@
-"""A Starlette app for the tests that run a real server: ``uvicorn tests.server_app:app``.
+"""A Starlette app for the tests that run a real server: ``uvicorn tests.system.server_app:app``.
 
 Configured from the environment: ``DATABASE_*`` for the database (``DATABASE_URL`` is required), and
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from .conftest import PG_URL
+from ..conftest import PG_URL
 from .server import free_port
 
 # Debian installs it into /usr/sbin, which is not on every user's PATH.

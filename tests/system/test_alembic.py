@@ -35,9 +35,9 @@ from asgi_db_session.exceptions import NO_URL
 from asgi_db_session.testing import ALEMBIC_ELSEWHERE, schema_from_alembic
 from examples.notes.models import Base
 
-from .conftest import PG_URL
+from ..conftest import PG_URL
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE = REPO_ROOT / "examples" / "alembic"
 DEMO_MODELS = REPO_ROOT / "examples" / "notes" / "models.py"
 # The line of env.py that the README tells a user to change, and what this test's project changes it to.
