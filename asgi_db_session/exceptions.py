@@ -95,6 +95,10 @@ SSL_SYSTEM_NEEDS_VERIFY_FULL = (
     "verify-full (got {mode})."
 )
 SSL_FILE_UNREADABLE = "The {what} file {path!r} ({source}) cannot be used: {reason}."
+MISSING_EXTRA = (
+    "{needed_by} needs {module}, which is not installed: pip install 'asgi-db-session[{extra}]' "
+    "(or pip install {module})."
+)
 
 
 class NoSessionError(RuntimeError):
