@@ -419,8 +419,9 @@ async def test_outer_anyio_timeout(backend: Backend, database: Database, path: s
     assert [message.get("status") for message in channel.sent if message["type"] == "http.response.start"] == [504]
     # Checked the moment the ASGI call returned: the cleanup is over before the server moves on.
     assert database.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    # Cut off mid-statement (/sleep), the statement runs on in the server for a while, keeping the lock on the
-    # row it wrote (see the xfail below): there the next request writes a row that shares no key with it.
+    # Cut off mid-statement (/sleep), the statement runs on in the server until the Database's cancel by backend
+    # pid reaches it (test_statement_cut_off_by_anyio_scope_stops_on_the_server), keeping the lock on the row it
+    # wrote: there the next request writes a row that shares no key with it.
     await assert_cleaned_up(backend, database, app, next_row=(2, "other") if path == "/sleep" else (1, PENDING))
     if path == "/idle":
         # No statement was in flight: the ROLLBACK ran to the end under the re-delivered cancellation, and the
