@@ -76,7 +76,8 @@ TABLES = {
 
 CLIENTS = 20  # concurrent clients in the load tests
 WORK_SECONDS = 0.1  # how long a load request keeps its transaction open after its INSERT
-AFTER_FAULT_SECONDS = 0.5  # how long the load goes on once the database is back
+AFTER_FAULT_SECONDS = 0.5  # how long the load goes on at least once the database is back
+EACH_CLIENT_SECONDS = 15.0  # how long every client may take to send a request after that, on a loaded machine
 RETRY_BACKOFF_SECONDS = 0.05  # a client's pause after an error response, as a real client would take
 
 
@@ -327,6 +328,16 @@ class Load:
     def started_after(self, moment: float) -> list[Outcome]:
         return [outcome for outcome in self.outcomes.values() if outcome.started >= moment]
 
+    async def go_on_after(self, moment: float) -> None:
+        """Let the load go on for AFTER_FAULT_SECONDS after ``moment``, and until every client has sent a request
+        since then: a fixed time alone may end before a slow client's first one."""
+        await asyncio.sleep(max(0.0, moment + AFTER_FAULT_SECONDS - time.monotonic()))
+        deadline = time.monotonic() + EACH_CLIENT_SECONDS
+        while {outcome.client for outcome in self.started_after(moment)} != set(range(CLIENTS)):
+            if time.monotonic() > deadline:
+                return  # the assertion on the clients after the fault then says which one never came back
+            await asyncio.sleep(0.02)
+
     async def assert_no_2xx_lost(self, dsn: str) -> None:
         """Every write answered 2xx is in the table, as a second connection sees it."""
         async with pg_connection(dsn) as connection:
@@ -359,7 +370,7 @@ async def test_terminated_backends_under_load(pg_tables: str, make_database: Mak
         assert len(killed) >= CLIENTS // 2
         await wait_until_gone(connection, [row[0] for row in killed])
         back = time.monotonic()
-        await asyncio.sleep(AFTER_FAULT_SECONDS)
+        await load.go_on_after(back)
 
     assert set(load.statuses()) <= {201, 503}, (load.statuses(), load.errors)
     load.assert_caught_mid_transaction_got_503()
@@ -408,7 +419,7 @@ async def restart_under_load(cluster: Cluster, database: Database) -> tuple[Load
         down = time.monotonic()
         await cluster.restart()
         back = time.monotonic()
-        await asyncio.sleep(AFTER_FAULT_SECONDS)
+        await load.go_on_after(back)
     return load, down, back
 
 
