@@ -448,7 +448,8 @@ async def test_dev_demo_serves_on_the_port_given(tmp_path: Path, command: str) -
     venv = _dev_venv(tmp_path)
     # ./dev runs in the repository: the database goes to tmp_path instead of the default ./notes.db there.
     env = _demo_env(VENV=str(venv), PYTHON=sys.executable, DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'dev.db'}")
-    await _serve_and_use([str(REPO_ROOT / "dev"), command, "--port", str(port)], port, tmp_path, env)
+    log = await _serve_and_use([str(REPO_ROOT / "dev"), command, "--port", str(port)], port, tmp_path, env)
+    assert f"http://127.0.0.1:{port}" in log
     _saved_over_http(tmp_path / "dev.db")
 
 
