@@ -172,9 +172,17 @@ def app_response() -> Response:
     return response
 
 
+# What a client reads in the body of the default mapping's answers, as the README's failure table promises.
+REPLACED_BODIES = {
+    409: "Conflict: the request clashes with data saved meanwhile; nothing was saved.",
+    503: "Service Unavailable: the database could not complete the request; retry it.",
+}
+
+
 def assert_replaced(response: httpx.Response, status: int) -> None:
     """``response`` is the middleware's error response ``status``: nothing of the app's own response."""
     assert response.status_code == status, (response.status_code, response.text)
+    assert response.text == REPLACED_BODIES[status]
     assert "x-app" not in response.headers
     assert "set-cookie" not in response.headers
     if status == 503:
@@ -886,7 +894,10 @@ async def test_app_error_wins_over_a_failed_rollback(
     assert type(caught.value) is ValueError
     assert "asyncpg" not in "".join(traceback.format_exception(caught.value))
     [failure] = cleanup_failures(caplog)
-    assert failure.getMessage() == CLEANUP_FAILED
+    assert failure.getMessage() == (
+        "Rolling back and closing a session at the end of its scope failed; its connection was discarded, and "
+        "whatever the session had not committed is lost (the database rolls it back)."
+    )
     assert failure.exc_info is not None
     # InterfaceError ("connection is closed") or, when asyncpg has not read the termination yet, InternalError.
     assert isinstance(failure.exc_info[1], sa_exc.DBAPIError)
