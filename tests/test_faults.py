@@ -375,7 +375,8 @@ async def test_terminated_backends_under_load(pg_tables: str, make_database: Mak
             "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
             application_name(database),
         )
-        assert len(killed) >= CLIENTS // 2
+        # At least the connections seen in their transactions, at most what the pool allows (10 + 10).
+        assert CLIENTS // 2 <= len(killed) <= 20
         await wait_until_gone(connection, [row[0] for row in killed])
         back = time.monotonic()
         await load.go_on_after(back)
