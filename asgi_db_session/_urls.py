@@ -14,6 +14,7 @@ import asyncpg
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+from ._extras import DRIVER_EXTRAS, require
 from .exceptions import (
     BAD_URL_VALUE,
     NO_ASYNC_DRIVER,
@@ -197,7 +198,8 @@ def to_async_url(raw: str) -> URL:
     ``postgresql://`` and ``postgres://`` become ``postgresql+asyncpg://``; ``sqlite://`` becomes
     ``sqlite+aiosqlite://``. A synchronous driver named explicitly is an error rather than a silent swap,
     because the user asked for that driver's behaviour. A query parameter that asyncpg cannot take is an
-    error here, at construction, rather than at every connect.
+    error here, at construction, rather than at every connect; so is a driver that an extra of this package
+    installs (aiosqlite) and that is missing: a ModuleNotFoundError naming the extra.
     """
     try:
         url = _parse(raw.strip())
@@ -205,6 +207,7 @@ def to_async_url(raw: str) -> URL:
         # Not shown: what cannot be parsed cannot be reliably stripped of its password.
         raise ValueError(UNPARSEABLE_URL.format(example=EXAMPLE_URL)) from None
     url = _with_async_driver(url, redact_url(raw))
+    require_driver(url, redact_url(raw))
     if url.drivername == "postgresql+asyncpg":
         asyncpg_query(url)
     return url
@@ -227,3 +230,15 @@ def _with_async_driver(url: URL, shown: str) -> URL:
         fix = f"{backend}+{default_driver}://..." if default_driver else f"{backend}+<async driver>://..."
         raise ValueError(SYNC_DRIVER.format(driver=url.drivername, url=shown, fix=fix))
     return url
+
+
+def require_driver(url: URL, shown: str) -> None:
+    """Raise ModuleNotFoundError naming the extra when ``url``'s driver comes with one and is not installed.
+
+    SQLAlchemy imports the driver only when the engine is made (at lifespan startup or first use), and its
+    error names the module alone; checked when the URL is read, the error comes earlier and names the extra.
+    """
+    driver = url.get_driver_name()
+    extra = DRIVER_EXTRAS.get(driver)
+    if extra is not None:
+        require(driver, extra=extra, needed_by=f"The database URL {shown!r}")

@@ -44,6 +44,7 @@ __all__ = [
     "JOINS_NESTED",
     "MIDDLEWARE_NAME_MISMATCH",
     "MIDDLEWARE_SESSION_OPTIONS_WITH_DATABASE",
+    "MISSING_EXTRA",
     "NOT_A_DATABASE",
     "NOT_COUNTING",
     "NOT_CREATED_YET",
@@ -202,6 +203,10 @@ SSL_SYSTEM_NEEDS_VERIFY_FULL = (
     "verify-full (got {mode})."
 )
 SSL_FILE_UNREADABLE = "The {what} file {path!r} ({source}) cannot be used: {reason}."
+MISSING_EXTRA = (
+    "{needed_by} needs {module}, which is not installed: pip install 'asgi-db-session[{extra}]' "
+    "(or pip install {module})."
+)
 
 # The testing plugin (asgi_db_session.testing re-exports the ones its users match).
 NOT_CREATED_YET = (

@@ -1,17 +1,22 @@
 """For FastAPI users who prefer injection: dependencies that return the request's session.
 
 ``current_session()`` works in FastAPI as it is; these only spell it as a dependency, so that a path
-operation can declare the session in its signature. Importing this module imports FastAPI.
+operation can declare the session in its signature. Importing this module imports FastAPI (the ``fastapi``
+extra).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ._context import current_session
+from ._extras import require
+
+require("fastapi", extra="fastapi", needed_by="asgi_db_session.fastapi")
+
+from fastapi import Depends  # noqa: E402  (after the check, so that a missing FastAPI names the extra)
 
 __all__ = [
     "SessionDep",

@@ -153,12 +153,13 @@ class DBSessionMiddleware:
                     commit_on_success=bool(commit_on_success),
                     session_options=session_options,
                 )
-            except ValueError as exc:
-                # A missing or invalid setting (no DATABASE_URL, DATABASE_POOL_SIZE=abc, a sync driver): the
-                # arguments were checked above. Starlette builds its middleware inside the server's first ASGI
-                # call, the lifespan startup, and an exception from there reads to uvicorn's --lifespan auto,
-                # hypercorn and granian as "no lifespan support": they would serve, a 500 to every request.
-                # Kept, and reported at lifespan startup, where a server stops on it (see _refuse).
+            except (ValueError, ModuleNotFoundError) as exc:
+                # A missing or invalid setting (no DATABASE_URL, DATABASE_POOL_SIZE=abc, a sync driver, a driver
+                # whose extra is not installed): the arguments were checked above. Starlette builds its middleware
+                # inside the server's first ASGI call, the lifespan startup, and an exception from there reads to
+                # uvicorn's --lifespan auto, hypercorn and granian as "no lifespan support": they would serve, a
+                # 500 to every request. Kept, and reported at lifespan startup, where a server stops on it (see
+                # _refuse).
                 self._settings_error = str(exc)
                 return
         elif session_options is not None:

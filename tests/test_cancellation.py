@@ -362,9 +362,10 @@ async def test_cancel_inside_the_apps_own_commit(
     assert time.monotonic() - started < 2
     assert channel.sent == []
     await assert_no_open_transaction(backend, database)
-    # Releasing the other transaction would let a COMMIT still running on the server go through.
+    # Releasing the other transaction would let a COMMIT still running on the server go through: it must have
+    # stopped first. Then nothing of ours can commit any more, and the table is checked once, at once.
+    await wait_until_none_active(backend, database, seconds=5)
     await name_holder.execute("ROLLBACK")
-    await asyncio.sleep(0.2)
     assert await backend.fetch(f"SELECT name FROM {DEFERRED_TABLE}") == []
     await assert_cleaned_up(backend, database, app)
 
@@ -382,8 +383,10 @@ async def test_cancel_inside_the_middlewares_commit_lets_the_commit_finish(
     pid = await wait_until_backend(backend, database, "active", "COMMIT")
 
     task.cancel()
-    await asyncio.sleep(0.3)
-    assert not task.done(), "the request ended while its commit was still running"
+    # Watched to the end of the window, not looked at once after it: an early end fails the moment it happens.
+    done, _pending = await asyncio.wait({task}, timeout=0.3)
+    assert not done, "the request ended while its commit was still running"
+    assert [(seen_pid, state) for seen_pid, state, _query in await our_backends(backend, database)] == [(pid, "active")]
     assert database.engine.pool.checkedout() == 1  # type: ignore[attr-defined]
     await name_holder.execute("ROLLBACK")
     with pytest.raises(asyncio.CancelledError):
@@ -419,8 +422,9 @@ async def test_outer_anyio_timeout(backend: Backend, database: Database, path: s
     assert [message.get("status") for message in channel.sent if message["type"] == "http.response.start"] == [504]
     # Checked the moment the ASGI call returned: the cleanup is over before the server moves on.
     assert database.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    # Cut off mid-statement (/sleep), the statement runs on in the server for a while, keeping the lock on the
-    # row it wrote (see the xfail below): there the next request writes a row that shares no key with it.
+    # Cut off mid-statement (/sleep), the statement runs on in the server until the Database's cancel by backend
+    # pid reaches it (test_statement_cut_off_by_anyio_scope_stops_on_the_server), keeping the lock on the row it
+    # wrote: there the next request writes a row that shares no key with it.
     await assert_cleaned_up(backend, database, app, next_row=(2, "other") if path == "/sleep" else (1, PENDING))
     if path == "/idle":
         # No statement was in flight: the ROLLBACK ran to the end under the re-delivered cancellation, and the

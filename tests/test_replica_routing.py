@@ -181,9 +181,13 @@ async def test_a_statement_cut_off_on_a_replica_stops_there(backend: Backend) ->
     settings = DatabaseSettings(url=backend.url, replica_urls=REPLICAS[:1], application_name=name)
     database = Database(settings=settings, name="replica-cut")
     try:
-        with anyio.move_on_after(0.3):
+        ran_on = []
+        with anyio.move_on_after(0.3) as cut:
             async with session_scope("replica-cut", read_only=True) as session:
+                ran_on.append((await session.execute(text("SELECT current_database()"))).scalar_one())
                 await session.execute(text("SELECT pg_sleep(5)"))
+        assert cut.cancelled_caught, "the statement was not cut off"
+        assert ran_on == ["postgres"]  # the replica's database, not the primary's
         connection = await asyncpg.connect(backend.dsn)
         try:
             with anyio.fail_after(2):

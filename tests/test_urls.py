@@ -164,6 +164,10 @@ async def test_a_numeric_parameter_in_the_url_connects(postgresql_dsn: str) -> N
     database = Database(PG_URL + "?statement_cache_size=0&timeout=5", name="numeric_query")
     try:
         await database.check(timeout=10)
+        async with database.sessionmaker() as session:
+            # Twice: a statement cache of size "0" (a string) failed at a statement's preparation, not at connect.
+            for _ in range(2):
+                assert (await session.execute(text("SELECT 41 + 1"))).scalar_one() == 42
     finally:
         await database.dispose()
 

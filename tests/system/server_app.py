@@ -75,14 +75,19 @@ GAUGE = SessionGauge()
 
 
 class PoolCounts:
-    """New DBAPI connections and invalidated ones: a cleanup cut short throws its connection away."""
+    """New DBAPI connections, invalidated ones (a cleanup cut short throws its connection away) and closed
+    ones: connects minus closes is how many connections this process has open, whatever the pool's records."""
 
     def __init__(self) -> None:
         self.connects = 0
         self.invalidations = 0
+        self.closes = 0
 
     def on_connect(self, dbapi_connection: Any, record: Any) -> None:
         self.connects += 1
+
+    def on_close(self, dbapi_connection: Any, record: Any) -> None:
+        self.closes += 1
 
     def on_invalidate(self, dbapi_connection: Any, record: Any, exception: BaseException | None) -> None:
         self.invalidations += 1
@@ -208,6 +213,8 @@ async def stats(request: Request) -> Response:
         "checkedin": pool.checkedin(),
         "connects": POOL_COUNTS.connects,
         "invalidations": POOL_COUNTS.invalidations,
+        # An invalidated connection's record stays in the pool (checkedin) without a connection.
+        "connections_open": POOL_COUNTS.connects - POOL_COUNTS.closes,
         "sessions_open": GAUGE.open,
         "sessions_peak": GAUGE.peak,
         "sessions_created": GAUGE.created,
@@ -226,6 +233,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     engine = database.engine.sync_engine
     event.listen(engine, "connect", POOL_COUNTS.on_connect)
     event.listen(engine, "invalidate", POOL_COUNTS.on_invalidate)
+    event.listen(engine, "close", POOL_COUNTS.on_close)
     yield
 
 

@@ -310,8 +310,9 @@ async def test_a_mix_of_cancellations_in_process(postgresql_dsn: str, slow_commi
             f"connects {tally.connects}, invalidated by kind {dict(tally.invalidated)}"
         )
         ok_count = sum(plan.kind == "ok" for plan in plans)
-        assert statuses[200] >= ok_count
-        assert set(statuses) <= {200}, statuses  # a cancelled request answers nothing
+        # Every plain request answered once; a cancelled one answers nothing, or 200 when it was over first.
+        answered_anyway = sum(count for outcome, count in outcomes.items() if outcome.endswith(": answered 200"))
+        assert statuses == {200: ok_count + answered_anyway}, statuses
         assert orphans == {}, "statements ran on after their requests were cancelled"
         active = [b for b in await backends(postgresql_dsn, settings.application_name) if b.state != "idle"]
         assert active == [], "a backend of ours is not idle (idle in transaction, or still running a statement)"
@@ -456,7 +457,9 @@ async def test_a_mix_of_clients_hanging_up_on_uvicorn(postgresql_dsn: str, tmp_p
             # The hang-ups between statements (idle, in the commit) replaced no connection.
             assert between["invalidations"] == before["invalidations"] == 0
             assert between["connects"] - before["connects"] <= 2 * HANG_UPS_PER_KIND
-            assert stats["invalidations"] <= HANG_UPS_PER_KIND  # at most the connections cut off mid-statement
+            # Exactly the connections cut off mid-statement: each /sleep was seen running pg_sleep before its
+            # client hung up.
+            assert stats["invalidations"] == HANG_UPS_PER_KIND
             stored = await names(postgresql_dsn, table)
             # Every commit under way finished; nothing of an idle transaction was saved.
             assert stored == {"written": HANG_UPS_PER_KIND}

@@ -27,7 +27,6 @@ from sqlalchemy.pool import QueuePool
 from starlette.applications import Starlette
 
 from asgi_db_session import get_database
-from asgi_db_session.error_responses import CONFLICT
 from examples.fastapi_notes import create_app as create_fastapi_app
 from examples.notes import create_app
 
@@ -223,7 +222,8 @@ async def test_the_same_title_twice_is_409_and_saves_nothing(any_demo: httpx.Asy
     assert first.status_code == 201
     second = await any_demo.post("/notes", json={"title": " Groceries ", "body": "bread"})
     assert second.status_code == 409
-    assert second.text == CONFLICT.body  # the package's default mapping of a unique violation
+    # The package's default mapping of a unique violation, as the client reads it.
+    assert second.text == "Conflict: the request clashes with data saved meanwhile; nothing was saved."
     assert await notes_db.fetch(ROWS) == [(first.json()["id"], "Groceries", "milk")]
     # The failed INSERT left nothing behind in the connection it ran on.
     assert (await any_demo.post("/notes", json={"title": "Bread"})).status_code == 201
@@ -448,7 +448,8 @@ async def test_dev_demo_serves_on_the_port_given(tmp_path: Path, command: str) -
     venv = _dev_venv(tmp_path)
     # ./dev runs in the repository: the database goes to tmp_path instead of the default ./notes.db there.
     env = _demo_env(VENV=str(venv), PYTHON=sys.executable, DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'dev.db'}")
-    await _serve_and_use([str(REPO_ROOT / "dev"), command, "--port", str(port)], port, tmp_path, env)
+    log = await _serve_and_use([str(REPO_ROOT / "dev"), command, "--port", str(port)], port, tmp_path, env)
+    assert f"http://127.0.0.1:{port}" in log
     _saved_over_http(tmp_path / "dev.db")
 
 

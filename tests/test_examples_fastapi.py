@@ -8,8 +8,8 @@ from asgi_db_session import get_database
 from examples.fastapi_notes import create_app
 from examples.notes.models import Note
 
-from ..conftest import Backend, client
-from .test_examples import notes_db, notes_pg_database, running
+from .conftest import Backend, client
+from .system.test_examples import notes_db, notes_pg_database, running
 
 __all__ = ["notes_db", "notes_pg_database"]  # fixtures shared with the Starlette demo's tests
 

@@ -38,11 +38,6 @@ from asgi_db_session import Database, NoSessionError, current_session, session_s
 from asgi_db_session import database as database_module
 from asgi_db_session.exceptions import NO_DATABASE
 from asgi_db_session.testing import (
-    ALEMBIC_MISSING,
-    NOT_A_DATABASE,
-    NOT_STARTED,
-    TABLES_EXIST,
-    TESTING_EXTRA_MISSING,
     outer_transaction,
     outer_transaction_in,
     override_session,
@@ -50,7 +45,7 @@ from asgi_db_session.testing import (
     schema_from_metadata,
 )
 
-from ..conftest import PG_URL
+from .conftest import PG_URL
 
 pytest_plugins = ["pytester"]
 
@@ -304,7 +299,11 @@ def test_db_client_without_asgi_lifespan_names_the_extra(
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(errors=3)
     # Not fnmatch_lines: the message's "[testing]" would be a character class there.
-    assert "ImportError: " + TESTING_EXTRA_MISSING.format(module="asgi_lifespan") in result.stdout.str()
+    # The text the user sees, literally (not the package's constant): a changed message must change this test.
+    assert (
+        "ImportError: asgi_db_session.testing: the db_client fixture needs asgi_lifespan, which is not installed. "
+        "Install the plugin's extra: pip install 'asgi-db-session[testing]'."
+    ) in result.stdout.str()
     assert target.stored() == []
 
 
@@ -330,7 +329,12 @@ def test_a_database_fixture_that_returns_something_else_is_named(pytester: pytes
     pytester.makeconftest(CONFTEST.replace("return db\n", "return 'postgresql://elsewhere'\n"))
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(errors=2)
-    result.stdout.fnmatch_lines(["*TypeError: " + NOT_A_DATABASE.format(value="postgresql://elsewhere")])
+    result.stdout.fnmatch_lines(
+        [
+            "*TypeError: asgi_db_session.testing: the `database` fixture returned 'postgresql://elsewhere'; "
+            "it must return a Database."
+        ]
+    )
 
 
 @pytest.fixture
@@ -404,7 +408,10 @@ def test_outer_transaction_in_a_client_that_is_not_started() -> None:
 
     with pytest.raises(RuntimeError) as caught:
         outer_transaction_in(NotStarted())
-    assert str(caught.value) == NOT_STARTED
+    assert str(caught.value) == (
+        "asgi_db_session.testing: the TestClient is not started. Use it as `with TestClient(app) as client:`; "
+        "without `with`, every request runs on a new event loop and the test's connection cannot serve them."
+    )
 
 
 def test_outer_transaction_rolls_back_what_sessions_committed_inside(target: Target) -> None:
@@ -512,7 +519,7 @@ def test_override_session_in_a_fixture_reaches_the_test(pytester: pytest.Pyteste
 
 # The README's Testing example, run the way a user runs it.
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parent.parent
 README = REPO_ROOT / "README.md"
 
 
@@ -646,7 +653,12 @@ def test_schema_from_metadata_with_the_tables_there_already_leaves_them_alone(ta
     with pytest.raises(RuntimeError) as caught, schema_from_metadata(metadata, database):
         pass  # pragma: no cover - not entered
     url = database.engine.url.render_as_string(hide_password=True)
-    assert str(caught.value) == TABLES_EXIST.format(url=url, tables=target.table)
+    assert str(caught.value) == (
+        "asgi_db_session.testing: schema_from_metadata() creates the tables for the test session and drops them "
+        f"after it, but the database at {url} already has {target.table}. Tests should run on a database of their "
+        "own: point the tests' DATABASE_URL at an empty one, or drop these tables (a test run that was killed leaves "
+        "them behind)."
+    )
     assert target.stored() == ["not the tests"]
 
 
@@ -657,4 +669,7 @@ def test_schema_from_alembic_without_alembic_says_what_to_install(
     database = Database(f"sqlite+aiosqlite:///{tmp_path / 'none.db'}", name="adbs-no-alembic")
     with pytest.raises(ImportError) as caught, schema_from_alembic(tmp_path / "alembic.ini", database):
         pass  # pragma: no cover - not entered
-    assert str(caught.value) == ALEMBIC_MISSING
+    assert str(caught.value) == (
+        "asgi_db_session.testing: schema_from_alembic() needs Alembic, which is not installed. Install it (pip "
+        "install alembic), or make the schema with schema_from_metadata()."
+    )
