@@ -27,7 +27,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 ANNOTATED = re.compile(
     r"(?P<figure>[-+]?[0-9A-Za-z][0-9A-Za-z.,]*)(?:\*\*)?<!-- figure: (?P<file>\S+)(?: (?P<key>\S+))? -->"
 )
-FIGURE_LIKE = re.compile(r"[0-9]+\.[0-9]+|[0-9]+(?:\.[0-9]+)? ?%")
+# A decimal number, or a whole one with a unit: what reads as a measurement.
+FIGURE_LIKE = re.compile(r"[0-9]+\.[0-9]+|[0-9][0-9,]* ?(?:%|x\b|µs\b|ms\b|s\b|MiB\b|KiB\b|bytes\b)")
 STEP = re.compile(r"(?P<name>[^.\[\]]+)(?:\[(?P<select>[^\]]*)\])?")
 
 
@@ -185,6 +186,9 @@ def write(path: Path, data: Any) -> Path:
         ("72.41<!-- figure: soak.txt -->", "not in the file"),
         ("0.94<!-- figure: r.json routes./read.ratio --> and 1.01x", "without naming its results file"),
         ("0.94<!-- figure: r.json routes./read.ratio --> within 5%", "without naming its results file"),
+        ("0.94<!-- figure: r.json routes./read.ratio --> in 2 s", "without naming its results file"),
+        ("0.94<!-- figure: r.json routes./read.ratio --> 139 µs, 2x", "'139 µs'"),
+        ("0.94<!-- figure: r.json routes./read.ratio --> on 32 connections", None),
     ],
 )
 def test_the_check_fails_on_a_figure_that_is_not_in_its_file(tmp_path: Path, quoted: str, expected: str | None) -> None:
