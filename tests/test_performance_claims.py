@@ -5,8 +5,9 @@ it names a file of ``benchmarks/results/`` and the key that holds it: dotted nam
 the one item of a list whose fields match. The figure must equal the value to the precision it is printed with
 (a version or commit: the value itself, or its first parts). A ``.txt`` file takes no key: the figure must be in
 it as printed. A JSON file must record ``package_modified: false``: a figure from code that was never committed
-is not one anybody can reproduce. In the "Performance" section a decimal number or percentage without an
-annotation fails too, so a new figure cannot slip in unchecked. No benchmark runs here.
+is not one anybody can reproduce. In the "Performance" section a decimal number, or a whole one with a unit
+(%, x, s, µs, MiB), without an annotation fails too, so a new figure cannot slip in unchecked. The annotations
+are HTML comments: the rendered README shows only the figure. No benchmark runs here.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def annotated_figures(text: str) -> list[Figure]:
 
 
 def unannotated_figures(section: str) -> list[str]:
-    """Decimal numbers and percentages of the section's prose that name no results file."""
+    """Decimal numbers, and whole ones with a unit, of the section's prose that name no results file."""
     prose = ANNOTATED.sub("", section)
     prose = re.sub(r"<!--.*?-->", "", prose, flags=re.DOTALL)
     prose = re.sub(r"```.*?```", "", prose, flags=re.DOTALL)
