@@ -20,8 +20,10 @@ is left). The pool's "connect" and "invalidate" events count the connections eac
 Reported per 100 cancellations: **replaced** (connections invalidated, so the pool opens new ones), **out**
 (connections still checked out the moment the cancelled ASGI calls had all returned: cleanup left to later, or
 never), **orphaned** (mid-statement only), and at the end of each run the connections never given back and those
-the garbage collector had to reclaim ("non-checked-in connection" warnings). Results go to
-``benchmarks/results/cancellations.json``.
+the garbage collector had to reclaim ("non-checked-in connection" warnings). For mid-statement cancels also
+**stopped in**: for each statement the cancellation stopped, the time from the cancellation until its backend no
+longer runs it (gone from ``pg_stat_activity``, or no longer active there), polled every few milliseconds; the
+median and the maximum. Results go to ``benchmarks/results/cancellations.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import statistics
 import sys
 import time
 import warnings
@@ -64,6 +67,7 @@ DEFAULT_APPS = (HANDWRITTEN, "fastapi-depends", "fastapi-async-sqlalchemy", "adv
 KINDS = {"mid": "/read", "between": "/stream"}
 WAYS = ("task", "anyio")
 ORPHAN_SECONDS = 1.0  # how long after the cancellation the lock stays held
+POLL_SECONDS = 0.005  # how often pg_stat_activity is read while cancelled statements are watched
 REACH_SECONDS = 10.0  # how long a request may take to get to where it is cancelled
 SETTLE_SECONDS = 3.0  # how long the pool gets to see every connection back at the end of a run
 
@@ -166,11 +170,22 @@ class Run:
     gc_reclaimed: int = 0
     loop_errors: int = 0
     seconds: float = 0.0
+    stop_seconds: list[float] = field(default_factory=list)
     skipped: str | None = None
     problems: list[str] = field(default_factory=list)
 
     def per_100(self, count: int) -> float | None:
         return None if self.skipped or not self.cancels else round(100 * count / self.cancels, 1)
+
+    def stopped(self) -> dict[str, Any]:
+        """How soon the statements a cancellation stopped were gone: count, median and max in seconds."""
+        times = sorted(self.stop_seconds)
+        return {
+            "count": len(times),
+            "median_seconds": round(statistics.median(times), 3) if times else None,
+            "max_seconds": round(times[-1], 3) if times else None,
+            "poll_seconds": POLL_SECONDS,
+        }
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -193,6 +208,7 @@ class Run:
                 "gc_reclaimed": self.gc_reclaimed,
                 "loop_errors": self.loop_errors,
             },
+            "stopped": self.stopped() if self.kind == "mid" else None,
             "seconds": round(self.seconds, 2),
             "skipped": self.skipped,
             "problems": self.problems[:5],
@@ -218,6 +234,33 @@ async def our_backends(monitor: asyncpg.Connection, condition: str, *args: Any) 
         list(args),
     )
     return count
+
+
+async def waiting_pids(monitor: asyncpg.Connection, locker_pid: int) -> list[int]:
+    """The backends of the benchmark's database whose statement waits for the locker's lock."""
+    rows = await monitor.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() AND pid <> $2 "
+        "AND wait_event_type = 'Lock'",
+        DATABASE,
+        locker_pid,
+    )
+    return [row["pid"] for row in rows]
+
+
+async def watch_statements(monitor: asyncpg.Connection, pids: list[int], cancelled_at: float, run: Run) -> None:
+    """Until ``ORPHAN_SECONDS`` after the cancellation: when each of ``pids`` stops running its statement (its
+    row gone from pg_stat_activity or no longer active), as seconds after ``cancelled_at``, into ``run``."""
+    running = set(pids)
+    deadline = cancelled_at + ORPHAN_SECONDS
+    while running and time.monotonic() < deadline:
+        rows = await monitor.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1::int[]) AND state = 'active'", list(running)
+        )
+        now = time.monotonic()
+        still = {row["pid"] for row in rows}
+        run.stop_seconds.extend(now - cancelled_at for _ in running - still)
+        running = still
+        await asyncio.sleep(POLL_SECONDS)
 
 
 async def cancel_round(app: ASGIApp, engine: AsyncEngine, run: Run, batch: int, dsn: str, monitor: Any) -> None:
@@ -259,12 +302,14 @@ async def cancel_round(app: ASGIApp, engine: AsyncEngine, run: Run, batch: int, 
             )
         if run.kind == "between":
             run.transaction_open += await our_backends(monitor, "state = 'idle in transaction'")
+        pids = [] if locker is None else await waiting_pids(monitor, locker.get_server_pid())
         cancelled_at = time.monotonic()
         for task, scope in zip(tasks, scopes, strict=True):
             if run.way == "anyio":
                 scope.cancel()
             else:
                 task.cancel()
+        watcher = asyncio.create_task(watch_statements(monitor, pids, cancelled_at, run)) if pids else None
         done, pending = await asyncio.wait(tasks, timeout=REACH_SECONDS)
         if pending:
             run.problems.append(f"{len(pending)} cancelled requests had not ended {REACH_SECONDS} s later")
@@ -273,6 +318,8 @@ async def cancel_round(app: ASGIApp, engine: AsyncEngine, run: Run, batch: int, 
             await asyncio.wait(pending, timeout=REACH_SECONDS)
         run.cancels += len(tasks)
         run.out_at_return += engine.pool.checkedout()  # type: ignore[attr-defined]
+        if watcher is not None:
+            await watcher
         if locker is not None:
             await asyncio.sleep(max(0.0, cancelled_at + ORPHAN_SECONDS - time.monotonic()))
             run.orphaned += await our_backends(monitor, "wait_event_type = 'Lock'", *locker_pid)
@@ -436,6 +483,12 @@ async def amain(args: argparse.Namespace) -> int:
                         f"orphaned {run.orphaned}, open {run.transaction_open}, never back {run.never_returned}, "
                         f"gc {run.gc_reclaimed}, loop errors {run.loop_errors} of {run.cancels} in {run.seconds:.1f} s"
                     )
+                    if kind == "mid" and not run.skipped:
+                        stopped = run.stopped()
+                        shown += (
+                            f"; {stopped['count']} stopped, median {stopped['median_seconds']} s, "
+                            f"max {stopped['max_seconds']} s"
+                        )
                     log(f"{key:26} {kind:8} {way:6} {shown}" + (f"; problems: {run.problems}" if run.problems else ""))
     finally:
         await drop_database(server_dsn)
