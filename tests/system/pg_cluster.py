@@ -16,10 +16,11 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import asyncpg
@@ -121,32 +122,37 @@ def _run(command: list[str]) -> None:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stdout}{result.stderr}")
 
 
-def _create_database(cluster: Cluster) -> None:
-    async def create() -> None:
-        admin_dsn = f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres"
-        connection = await asyncpg.connect(admin_dsn, timeout=10)
+def _in_thread(coroutine: Coroutine[Any, Any, None]) -> None:
+    # A session fixture may be set up while the tests' event loop runs: asyncio.run in a thread of its own.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, coroutine).result()
+
+
+def _execute(dsn: str, *statements: str) -> None:
+    """Run ``statements`` one after another on a connection of their own, from any thread or fixture."""
+
+    async def execute() -> None:
+        connection = await asyncpg.connect(dsn, timeout=10)
         try:
-            await connection.execute(f"CREATE DATABASE {DATABASE}")
+            for statement in statements:
+                await connection.execute(statement)
         finally:
             await connection.close()
 
-    # In a thread of its own: a session fixture may be set up while the tests' event loop runs.
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, create()).result()
+    _in_thread(execute())
+
+
+def _create_database(cluster: Cluster) -> None:
+    _execute(f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres", f"CREATE DATABASE {DATABASE}")
 
 
 def _create_password_role(cluster: Cluster) -> None:
-    async def create() -> None:
-        connection = await asyncpg.connect(cluster.dsn, timeout=10)
-        try:
-            # password_encryption is scram-sha-256 by default (PostgreSQL 14+); named for older servers.
-            await connection.execute("SET password_encryption = 'scram-sha-256'")
-            await connection.execute(f"CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD '{ROLE_PASSWORD}'")
-        finally:
-            await connection.close()
-
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, create()).result()
+    _execute(
+        cluster.dsn,
+        # password_encryption is scram-sha-256 by default (PostgreSQL 14+); named for older servers.
+        "SET password_encryption = 'scram-sha-256'",
+        f"CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD '{ROLE_PASSWORD}'",
+    )
 
 
 class _Shared:

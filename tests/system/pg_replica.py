@@ -18,12 +18,10 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -39,6 +37,7 @@ from .pg_cluster import (
     _create_database,
     _drop_cluster,
     _free_port,
+    _in_thread,
     _installed_version,
     _run,
 )
@@ -228,12 +227,6 @@ async def _wait_for_standby(standby_cluster: Cluster, primary: Cluster) -> None:
                 await asyncio.sleep(0.01)
         finally:
             await standby.close()
-
-
-def _in_thread(coroutine: Coroutine[Any, Any, None]) -> None:
-    # A session fixture may be set up while the tests' event loop runs: asyncio.run in a thread of its own.
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, coroutine).result()
 
 
 def _create_replica_set() -> ReplicaSet:

@@ -14,16 +14,13 @@ fail instead.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from .pg_cluster import (
@@ -34,6 +31,7 @@ from .pg_cluster import (
     _create_configured,
     _create_database,
     _drop_cluster,
+    _execute,
     _free_port,
     _installed_version,
     _run,
@@ -147,15 +145,7 @@ def _install_server_files(files: Path, config: Path) -> None:
 
 
 def _create_cert_role(cluster: Cluster) -> None:
-    async def create() -> None:
-        connection = await asyncpg.connect(cluster.dsn, timeout=10)
-        try:
-            await connection.execute(f"CREATE ROLE {CERT_ROLE} LOGIN")
-        finally:
-            await connection.close()
-
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, create()).result()
+    _execute(cluster.dsn, f"CREATE ROLE {CERT_ROLE} LOGIN")
 
 
 @pytest.fixture(scope="session")
