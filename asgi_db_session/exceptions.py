@@ -46,6 +46,7 @@ __all__ = [
     "MIDDLEWARE_SESSION_OPTIONS_WITH_DATABASE",
     "MISSING_EXTRA",
     "NOT_A_DATABASE",
+    "NOT_A_SQLMODEL_SESSION",
     "NOT_COUNTING",
     "NOT_CREATED_YET",
     "NOT_STARTED",
@@ -217,6 +218,11 @@ NOT_CREATED_YET = (
 NOT_STARTED = (
     "asgi_db_session.testing: the TestClient is not started. Use it as `with TestClient(app) as client:`; "
     "without `with`, every request runs on a new event loop and the test's connection cannot serve them."
+)
+NOT_A_SQLMODEL_SESSION = (
+    "current_sqlmodel_session(): the sessions of database {name!r} are {session_class}, not SQLModelSession. "
+    "Give session_options={{'class_': SQLModelSession}} to its Database or DBSessionMiddleware "
+    "(from asgi_db_session.sqlmodel import SQLModelSession)."
 )
 NOT_A_DATABASE = "asgi_db_session.testing: the `database` fixture returned {value!r}; it must return a Database."
 TESTING_EXTRA_MISSING = (

@@ -54,8 +54,8 @@ def _defined_names(module: str) -> set[str]:
 
 
 def _public_module(name: str) -> ModuleType:
-    if name == "fastapi":
-        pytest.importorskip("fastapi")
+    if name in ("fastapi", "sqlmodel"):
+        pytest.importorskip(name)
     return importlib.import_module(f"asgi_db_session.{name}")
 
 
@@ -73,6 +73,7 @@ def test_the_public_modules_are_the_ones_documented() -> None:
         "route_policy",
         "scope",
         "settings",
+        "sqlmodel",
         "testing",
     ]
 
