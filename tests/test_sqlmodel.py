@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
+import re
+import sqlite3
+import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -36,6 +41,7 @@ from asgi_db_session.sqlmodel import SQLModelSession, current_sqlmodel_session
 
 from .conftest import Backend, client
 from .models import TABLE
+from .test_readme import section
 from .test_replica_routing import PRIMARY, REPLICAS, where
 
 pytestmark = pytest.mark.anyio
@@ -176,3 +182,61 @@ def test_a_missing_sqlmodel_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> 
     assert str(caught.value) == MISSING_EXTRA.format(
         needed_by="asgi_db_session.sqlmodel", module="sqlmodel", extra="sqlmodel"
     )
+
+
+# What a user does with the README's example: serve it (here through its lifespan, on SQLite), make the
+# table, create a hero and list the heroes.
+README_DRIVER = """
+import asyncio
+
+import httpx
+from asgi_lifespan import LifespanManager
+from sqlmodel import SQLModel
+
+from asgi_db_session import get_database
+from app import app
+
+
+async def main() -> None:
+    async with LifespanManager(app) as manager:
+        async with get_database().engine.begin() as connection:
+            await connection.run_sync(SQLModel.metadata.create_all)
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            created = await http.post("/heroes", json={"name": "Deadpond"})
+            assert (created.status_code, created.json()) == (201, {"id": 1, "name": "Deadpond"}), created.text
+            listed = await http.get("/heroes")
+            assert listed.json() == [{"id": 1, "name": "Deadpond"}], listed.text
+
+
+asyncio.run(main())
+"""
+
+
+def test_the_readme_example_type_checks_and_runs(tmp_path: Path) -> None:
+    (example,) = re.findall(r"```python\n(.*?)```", section("SQLModel"), flags=re.DOTALL)
+    (tmp_path / "app.py").write_text(example)
+    (tmp_path / "run.py").write_text(README_DRIVER)
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), "app.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DATABASE_")}
+    env["DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path / 'heroes.db'}"
+    ran = subprocess.run(
+        [sys.executable, "-W", "error", "run.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    with closing(sqlite3.connect(tmp_path / "heroes.db")) as connection:  # committed: a second connection sees it
+        assert connection.execute("SELECT id, name FROM hero").fetchall() == [(1, "Deadpond")]
