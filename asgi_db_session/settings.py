@@ -75,17 +75,26 @@ class DatabaseSettings(BaseSettings):
     replica_urls: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
     """Read replicas (``DATABASE_REPLICA_URLS``, comma-separated): read-only sessions go to them in turn."""
     echo: bool = False
+    """Log every statement (SQLAlchemy's ``echo``)."""
     echo_pool: bool | Literal["debug"] = False
+    """Log pool checkouts and checkins; ``debug`` logs more."""
     hide_parameters: bool = True
     """Keep SQL parameters (often personal data) out of error messages and of ``echo``'s log; ``False``
     (``DATABASE_HIDE_PARAMETERS=false``) shows them, for debugging locally."""
     pool_size: int = Field(default=5, ge=0)
+    """Connections the pool keeps open."""
     max_overflow: int = Field(default=10, ge=-1)
+    """Connections allowed beyond ``pool_size`` under load (``-1``: no limit)."""
     pool_pre_ping: bool = True
+    """Test a connection before handing it out, so that a database restart costs no request."""
     pool_recycle: int = -1
+    """Seconds after which a connection is replaced (``-1``: never)."""
     pool_timeout: float = Field(default=30.0, gt=0)
+    """Seconds to wait for a free connection before the request fails with a 503."""
     pool_use_lifo: bool = False
+    """Reuse the most recently returned connection first, so that idle ones can time out."""
     isolation_level: str | None = None
+    """The transactions' isolation level, such as ``SERIALIZABLE`` or ``REPEATABLE READ`` (default: the driver's)."""
     connect_timeout: float | None = Field(default=None, gt=0)
     """Seconds to wait for a new connection (asyncpg's ``timeout``, aiosqlite's ``timeout``)."""
     statement_timeout: int | None = Field(default=None, ge=0)
