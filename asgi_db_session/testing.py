@@ -1,6 +1,6 @@
 """Test helpers: every test in a transaction that is rolled back, and a session of your choosing for a block.
 
-Enable the fixtures in your root ``conftest.py``::
+Enable the fixtures in your root ``conftest.py``:
 
     pytest_plugins = ["asgi_db_session.testing"]
 
