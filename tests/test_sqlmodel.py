@@ -43,6 +43,7 @@ from .conftest import Backend, client
 from .models import TABLE
 from .test_readme import section
 from .test_replica_routing import PRIMARY, REPLICAS, where
+from .typecheck import assert_type_checks
 
 pytestmark = pytest.mark.anyio
 
@@ -217,15 +218,7 @@ def test_the_readme_example_type_checks_and_runs(tmp_path: Path) -> None:
     (example,) = re.findall(r"```python\n(.*?)```", section("SQLModel"), flags=re.DOTALL)
     (tmp_path / "app.py").write_text(example)
     (tmp_path / "run.py").write_text(README_DRIVER)
-    checked = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), "app.py"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert_type_checks(tmp_path, "app.py")
     env = {key: value for key, value in os.environ.items() if not key.startswith("DATABASE_")}
     env["DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path / 'heroes.db'}"
     ran = subprocess.run(

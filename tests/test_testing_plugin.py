@@ -46,6 +46,7 @@ from asgi_db_session.testing import (
 )
 
 from .conftest import PG_URL
+from .typecheck import assert_type_checks
 
 pytest_plugins = ["pytester"]
 
@@ -575,16 +576,7 @@ def readme_project(root: Path) -> Path:
 
 
 def test_the_readme_testing_example_type_checks(tmp_path: Path) -> None:
-    project = readme_project(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), "."],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_type_checks(readme_project(tmp_path))
 
 
 def test_the_readme_testing_example_passes_twice_on_a_fresh_database(
