@@ -1,7 +1,9 @@
-"""MkDocs hook: the settings reference page's table, rendered from ``DatabaseSettings``' fields at build time.
+"""MkDocs hooks: the settings reference page's table, rendered from ``DatabaseSettings``' fields at build time;
+and the benchmarks' sweep plot, served from where the benchmark writes it.
 
 The table is never written by hand, so it cannot drift from the code: a new field appears in it, and a field
-without a docstring fails the build (tests/test_docs_site.py runs the same function without MkDocs).
+without a docstring fails the build (tests/test_docs_site.py runs the same function without MkDocs). The plot
+is not copied into docs/ either: a copy would go stale at the next ``benchmarks/sweep.py`` run.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import ast
 import inspect
 import textwrap
 import types
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
@@ -18,6 +21,9 @@ from pydantic_settings import BaseSettings
 
 SETTINGS_TABLE_MARKER = "<!-- settings-table -->"
 SETTINGS_PAGE = "reference/settings.md"
+# benchmarks/results/sweep.png, at this address of the site (docs/explanation/performance.md shows it).
+SWEEP_PLOT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "sweep.png"
+SWEEP_PLOT_URI = "explanation/sweep.png"
 NO_DOCSTRING = (
     "{model}.{field} has no docstring: write one under the field (a string on the next line), "
     "it is the field's description on the settings page"
@@ -95,3 +101,11 @@ def on_page_markdown(markdown: str, *, page: Any, config: Any, files: Any) -> st
     from asgi_db_session import DatabaseSettings
 
     return markdown.replace(SETTINGS_TABLE_MARKER, settings_table(DatabaseSettings))
+
+
+def on_files(files: Any, *, config: Any) -> Any:
+    """Add the sweep plot to the site's files, so that the performance page's image link resolves."""
+    from mkdocs.structure.files import File
+
+    files.append(File.generated(config, SWEEP_PLOT_URI, abs_src_path=str(SWEEP_PLOT)))
+    return files

@@ -14,6 +14,8 @@ import pytest
 
 import asgi_db_session
 
+from .docs_code import DOCS, blocks, pages
+
 
 def test_all_is_sorted_and_complete() -> None:
     assert asgi_db_session.__all__ == sorted(asgi_db_session.__all__)
@@ -124,25 +126,27 @@ def test_the_package_re_exports_only_what_its_modules_declare() -> None:
             assert member in home.__all__, f"{member} is exported by the package but not by {home.__name__}"
 
 
-def _readme() -> str:
-    return (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+def _docs_python() -> str:
+    """Every ```python block of README.md and docs/**/*.md."""
+    return "\n".join(block.code for page in pages() for block in blocks(page) if block.language == "python")
 
 
-def test_the_readme_imports_only_declared_names() -> None:
-    imports = re.findall(r"^\s*from (asgi_db_session(?:\.\w+)?) import \(?([\w, ]+)", _readme(), re.MULTILINE)
+def test_the_docs_import_only_declared_names() -> None:
+    imports = re.findall(r"^\s*from (asgi_db_session(?:\.\w+)?) import \(?([\w, ]+)", _docs_python(), re.MULTILINE)
     assert imports
     for module_name, names in imports:
         module = _public_module(module_name.partition(".")[2]) if "." in module_name else asgi_db_session
         for member in (name.strip() for name in names.split(",")):
             if member:
                 assert member in module.__all__, (
-                    f"README imports {member} from {module_name}, which does not declare it"
+                    f"the docs import {member} from {module_name}, which does not declare it"
                 )
 
 
-def test_the_readme_api_table_names_exported_members() -> None:
-    api = _readme().partition("\n## API\n")[2].partition("\n## ")[0].partition("\n### ")[0]
+def test_the_api_overview_table_names_every_exported_member_and_no_other() -> None:
+    page = (DOCS / "reference" / "overview.md").read_text(encoding="utf-8")
+    api = page.partition("\n## Names\n")[2].partition("\n## ")[0]
     first_cells = [line.split("|")[1] for line in api.splitlines() if line.startswith("| `")]
     names = {match for cell in first_cells for match in re.findall(r"`(\w+)", cell)}
-    assert names
     assert names <= set(asgi_db_session.__all__), names - set(asgi_db_session.__all__)
+    assert set(asgi_db_session.__all__) - {"__version__"} <= names, set(asgi_db_session.__all__) - names

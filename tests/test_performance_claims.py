@@ -1,13 +1,15 @@
-"""Every figure the README's performance text quotes is in a results file measured on committed code.
+"""Every figure the documentation quotes is in a results file measured on committed code.
 
 A figure is annotated where it stands, ``1.021<!-- figure: instructions-db.json per_request[app=x].ratio -->``:
 it names a file of ``benchmarks/results/`` and the key that holds it: dotted names, and ``[name=value,...]`` to pick
 the one item of a list whose fields match. The figure must equal the value to the precision it is printed with
 (a version or commit: the value itself, or its first parts). A ``.txt`` file takes no key: the figure must be in
 it as printed. A JSON file must record ``package_modified: false``: a figure from code that was never committed
-is not one anybody can reproduce. In the "Performance" section a decimal number, or a whole one with a unit
-(%, x, s, µs, MiB), without an annotation fails too, so a new figure cannot slip in unchecked. The annotations
-are HTML comments: the rendered README shows only the figure. No benchmark runs here.
+is not one anybody can reproduce. Annotated figures are checked on every page (README.md and docs/**/*.md:
+the failure table quotes cancellation times). On the performance page (docs/explanation/performance.md) a
+decimal number, or a whole one with a unit (%, x, s, µs, MiB), without an annotation fails too, so a new figure
+cannot slip in unchecked. The annotations are HTML comments: the rendered page shows only the figure. No
+benchmark runs here.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from typing import Any
 
 import pytest
 
+from .docs_code import DOCS, pages
+
 ROOT = Path(__file__).parent.parent
-README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
+PERFORMANCE_PAGE = DOCS / "explanation" / "performance.md"
+FAILURES_PAGE = DOCS / "reference" / "failures.md"
 
 ANNOTATED = re.compile(
     r"(?P<figure>[-+]?[0-9A-Za-z][0-9A-Za-z.,]*)(?:\*\*)?<!-- figure: (?P<file>\S+)(?: (?P<key>\S+))? -->"
@@ -41,12 +46,12 @@ class Figure:
     line: int
 
     def __str__(self) -> str:
-        return f"README line {self.line}: {self.figure} from {self.file} {self.key or ''}".rstrip()
+        return f"line {self.line}: {self.figure} from {self.file} {self.key or ''}".rstrip()
 
 
 def performance_section(text: str) -> str:
     text = "\n" + text
-    assert "\n## Performance\n" in text, "the README has no '## Performance' section"
+    assert "\n## Performance\n" in text, "the text has no '## Performance' section"
     return text.split("\n## Performance\n", 1)[1].split("\n## ", 1)[0]
 
 
@@ -115,16 +120,18 @@ def matches(figure: str, value: Any) -> bool:
     return figure == text or text.startswith(figure + ".")
 
 
-def problems(readme: str, results: Path) -> list[str]:
-    """What is wrong with the README's quoted figures, one line each."""
+def problems(text: str, results: Path, *, checked_prose: str | None) -> list[str]:
+    """What is wrong with a page's quoted figures, one line each. ``checked_prose``: the part of the page where
+    every figure must be annotated (the performance page, whole), or None where only annotated ones are checked."""
     found: list[str] = []
-    section = performance_section(readme)
-    found += [
-        f"Performance quotes {figure!r} without naming its results file" for figure in unannotated_figures(section)
-    ]
-    figures = annotated_figures(readme)
-    if not figures:
-        found.append("no figure of the README names its results file")
+    figures = annotated_figures(text)
+    if checked_prose is not None:
+        found += [
+            f"Performance quotes {figure!r} without naming its results file"
+            for figure in unannotated_figures(checked_prose)
+        ]
+        if not figures:
+            found.append("no figure of the page names its results file")
     loaded: dict[str, Any] = {}
     for figure in figures:
         path = results / figure.file
@@ -153,12 +160,15 @@ def problems(readme: str, results: Path) -> list[str]:
     return found
 
 
-def test_every_figure_the_readme_quotes_is_in_a_results_file_from_committed_code() -> None:
-    assert problems(README.read_text(), RESULTS) == []
+@pytest.mark.parametrize("page", pages(), ids=lambda page: str(page.relative_to(ROOT)))
+def test_every_figure_a_page_quotes_is_in_a_results_file_from_committed_code(page: Path) -> None:
+    text = page.read_text(encoding="utf-8")
+    checked_prose = text if page == PERFORMANCE_PAGE else None
+    assert problems(text, RESULTS, checked_prose=checked_prose) == []
 
 
 def test_the_cut_off_statement_time_is_a_measured_one() -> None:
-    rows = [line for line in README.read_text().splitlines() if line.startswith("| The request is cancelled")]
+    rows = [line for line in FAILURES_PAGE.read_text().splitlines() if line.startswith("| The request is cancelled")]
     assert len(rows) == 1
     quoted = [figure for figure in annotated_figures(rows[0]) if figure.file == "cancellations.json"]
     assert {figure.key.rsplit(".", 1)[-1] for figure in quoted if figure.key} >= {"median_seconds", "max_seconds"}
@@ -203,14 +213,20 @@ def test_the_check_fails_on_a_figure_that_is_not_in_its_file(tmp_path: Path, quo
     write(tmp_path / "r.json", data)
     write(tmp_path / "dirty.json", {**data, "git": {"commit": "abc1234", "package_modified": True}})
     (tmp_path / "soak.txt").write_text("RSS after warm-up 72.40 MiB\n")
-    found = problems(f"# x\n\n## Performance\n\nSee {quoted}.\n\n## Next\n\n3.5 elsewhere\n", tmp_path)
+    text = f"# x\n\n## Performance\n\nSee {quoted}.\n\n## Next\n\n3.5 elsewhere\n"
+    found = problems(text, tmp_path, checked_prose=performance_section(text))
     if expected is None:
         assert found == []
     else:
         assert any(expected in line for line in found), found
 
 
-def test_the_check_fails_on_a_readme_that_names_no_file() -> None:
-    found = problems("## Performance\n\nAhead of every peer: 1.84 against hand-written.\n", RESULTS)
+def test_the_check_fails_on_a_performance_page_that_names_no_file() -> None:
+    text = "# Performance\n\nAhead of every peer: 1.84 against hand-written.\n"
+    found = problems(text, RESULTS, checked_prose=text)
     assert "Performance quotes '1.84' without naming its results file" in found
-    assert "no figure of the README names its results file" in found
+    assert "no figure of the page names its results file" in found
+
+
+def test_the_performance_page_quotes_figures() -> None:
+    assert len(annotated_figures(PERFORMANCE_PAGE.read_text(encoding="utf-8"))) >= 50

@@ -1,26 +1,17 @@
-"""The README's runnable example works as printed."""
+"""The README is the front door: short, in the order a user reads it, and pointing at every page of the site.
+
+Its code blocks are checked with the site's (tests/test_docs_code.py); the Quickstart runs in
+tests/system/test_package.py.
+"""
 
 from __future__ import annotations
 
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
-
-import pytest
-
-from asgi_db_session import Database
-
-from .conftest import client
-
-pytestmark = pytest.mark.anyio
 
 README = Path(__file__).parent.parent / "README.md"
 PYPROJECT = README.parent / "pyproject.toml"
-
-
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
 
 
 def section(title: str) -> str:
@@ -31,15 +22,32 @@ def section(title: str) -> str:
 
 def test_the_readme_starts_with_what_a_user_needs() -> None:
     headings = re.findall(r"^## (.+)$", README.read_text(), flags=re.MULTILINE)
-    assert headings[:4] == ["Installation", "Quickstart", "Supported versions", "Contributing"]
+    assert headings == ["Installation", "Quickstart", "Documentation", "Supported versions", "Contributing"]
+
+
+def test_the_readme_is_short() -> None:
+    # Everything else is a page of the site (docs/), linked from the Documentation section.
+    assert len(README.read_text().splitlines()) <= 200
+
+
+def test_the_readme_links_every_page_of_the_site_and_nothing_missing() -> None:
+    links = re.findall(r"\]\((docs/[^)#]+\.md)(?:#[^)]*)?\)", section("Documentation"))
+    missing = [link for link in links if not (README.parent / link).is_file()]
+    assert missing == []
+    pages = sorted(str(path.relative_to(README.parent)) for path in (README.parent / "docs").rglob("*.md"))
+    # The home page shows the README's own top; a new page needs a link in the Documentation section.
+    unlinked = [page for page in pages if page not in links and page != "docs/index.md"]
+    assert unlinked == [], "add a link to each of these in the README's Documentation section"
 
 
 def test_the_contributor_commands_are_the_ones_ci_runs() -> None:
     block = re.search(r"```bash\n(.*?)```", section("Contributing"), flags=re.DOTALL)
     assert block is not None
     commands = [line.split("#")[0].strip() for line in block.group(1).splitlines()]
-    assert commands == ["./dev demo", "./dev test"]
-    assert "./dev test\n" in (README.parent / ".ci" / "run").read_text()
+    assert commands == ["./dev demo", "./dev test", "./dev docs"]
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "./dev test\n" in ci
+    assert "./dev docs build\n" in ci
 
 
 def test_the_installation_names_only_extras_that_exist() -> None:
@@ -65,19 +73,3 @@ def test_the_supported_versions_are_pyprojects_bounds_and_ci_runs_both_ends() ->
     assert f"Python {pythons[0]} to {pythons[-1]}" in text
     ci = (README.parent / ".ci" / "run").read_text().splitlines()
     assert {"./dev test", "./dev oldest", "./dev newest"} <= set(ci)
-
-
-async def test_the_before_and_after_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (example,) = [block for block in python_blocks() if "count_tables" in block]
-    monkeypatch.chdir(tmp_path)
-    namespace: dict[str, Any] = {}
-    exec(compile(example, str(README), "exec"), namespace)
-    async with client(namespace["app"]) as http:
-        response = await http.get("/")
-    assert response.json() == {"rows": 1}
-    assert (tmp_path / "example.db").exists()
-    middleware = namespace["app"].middleware_stack
-    while not hasattr(middleware, "database"):
-        middleware = middleware.app
-    database: Database = middleware.database
-    await database.dispose()

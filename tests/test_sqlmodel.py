@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
-import re
 import sqlite3
 import subprocess
 import sys
@@ -40,10 +39,9 @@ from asgi_db_session.exceptions import MISSING_EXTRA, NOT_A_SQLMODEL_SESSION
 from asgi_db_session.sqlmodel import SQLModelSession, current_sqlmodel_session
 
 from .conftest import Backend, client
+from .docs_code import DOCS, blocks_run_by
 from .models import TABLE
-from .test_readme import section
 from .test_replica_routing import PRIMARY, REPLICAS, where
-from .typecheck import assert_type_checks
 
 pytestmark = pytest.mark.anyio
 
@@ -185,9 +183,11 @@ def test_a_missing_sqlmodel_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> 
     )
 
 
-# What a user does with the README's example: serve it (here through its lifespan, on SQLite), make the
+SQLMODEL_PAGE = DOCS / "how-to" / "sqlmodel.md"
+
+# What a user does with the page's example: serve it (here through its lifespan, on SQLite), make the
 # table, create a hero and list the heroes.
-README_DRIVER = """
+PAGE_DRIVER = """
 import asyncio
 
 import httpx
@@ -214,11 +214,11 @@ asyncio.run(main())
 """
 
 
-def test_the_readme_example_type_checks_and_runs(tmp_path: Path) -> None:
-    (example,) = re.findall(r"```python\n(.*?)```", section("SQLModel"), flags=re.DOTALL)
-    (tmp_path / "app.py").write_text(example)
-    (tmp_path / "run.py").write_text(README_DRIVER)
-    assert_type_checks(tmp_path, "app.py")
+def test_the_docs_example_runs(tmp_path: Path) -> None:
+    """docs/how-to/sqlmodel.md's example (type-checked by tests/test_docs_code.py with the docs' other blocks)."""
+    (example,) = blocks_run_by(SQLMODEL_PAGE, "tests/test_sqlmodel.py::test_the_docs_example_runs")
+    (tmp_path / "app.py").write_text(example.code)
+    (tmp_path / "run.py").write_text(PAGE_DRIVER)
     env = {key: value for key, value in os.environ.items() if not key.startswith("DATABASE_")}
     env["DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path / 'heroes.db'}"
     ran = subprocess.run(

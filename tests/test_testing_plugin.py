@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import sqlite3
 import subprocess
@@ -46,7 +45,7 @@ from asgi_db_session.testing import (
 )
 
 from .conftest import PG_URL
-from .typecheck import assert_type_checks
+from .docs_code import blocks_run_by
 
 pytest_plugins = ["pytester"]
 
@@ -518,21 +517,20 @@ def test_override_session_in_a_fixture_reaches_the_test(pytester: pytest.Pyteste
     assert target.stored() == []
 
 
-# The README's Testing example, run the way a user runs it.
+# The testing how-to's example (docs/how-to/testing.md), run the way a user runs it. tests/test_docs_code.py
+# type-checks it with the docs' other blocks.
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-README = REPO_ROOT / "README.md"
+TESTING_PAGE = REPO_ROOT / "docs" / "how-to" / "testing.md"
+RUN_BY = "tests/test_testing_plugin.py::test_the_docs_testing_example_passes_twice_on_a_fresh_database"
 
 
-def readme_testing_files() -> dict[str, str]:
-    """The README's Testing section's files: the code blocks whose first line names one (``# conftest.py``)."""
-    text = README.read_text()
-    section = text[text.index("## Testing: every test rolled back") : text.index("## Migrations with Alembic")]
+def docs_testing_files() -> dict[str, str]:
+    """The testing page's files: the blocks this test runs, each named by its first line (``# conftest.py``)."""
     files = {}
-    for block in re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL):
-        first = block.splitlines()[0]
-        if re.fullmatch(r"# \w+\.py", first):
-            files[first.removeprefix("# ")] = block
+    for block in blocks_run_by(TESTING_PAGE, RUN_BY):
+        assert block.file_name is not None, f"{block.where}: its first line must name its file (# conftest.py)"
+        files[block.file_name] = block.code
     assert sorted(files) == ["conftest.py", "test_notes.py"]
     return files
 
@@ -566,27 +564,23 @@ def user_tables(dsn: str) -> list[str]:
     return [row[0] for row in rows]
 
 
-def readme_project(root: Path) -> Path:
-    """The README's conftest.py and test file, with the notes app of examples/notes as ``myapp``."""
+def docs_project(root: Path) -> Path:
+    """The testing page's conftest.py and test file, with the notes app of examples/notes as ``myapp``."""
     project = root / "project"
     shutil.copytree(REPO_ROOT / "examples" / "notes", project / "myapp", ignore=shutil.ignore_patterns("__pycache__"))
-    for name, content in readme_testing_files().items():
+    for name, content in docs_testing_files().items():
         (project / name).write_text(content)
     return project
 
 
-def test_the_readme_testing_example_type_checks(tmp_path: Path) -> None:
-    assert_type_checks(readme_project(tmp_path))
-
-
-def test_the_readme_testing_example_passes_twice_on_a_fresh_database(
+def test_the_docs_testing_example_passes_twice_on_a_fresh_database(
     tmp_path: Path, fresh_postgresql_database: str
 ) -> None:
-    """Two runs of ``python -m pytest -W error`` in the README example's project both pass, and leave the
+    """Two runs of ``python -m pytest -W error`` in the testing page's project both pass, and leave the
     database without tables."""
-    project = readme_project(tmp_path)
+    project = docs_project(tmp_path)
     env = {key: value for key, value in os.environ.items() if not key.startswith("DATABASE_")}
-    env["DATABASE_URL"] = fresh_postgresql_database  # postgresql://..., as the README writes it
+    env["DATABASE_URL"] = fresh_postgresql_database  # postgresql://..., as the page writes it
     assert user_tables(fresh_postgresql_database) == []
     for attempt in ("first", "second"):
         result = subprocess.run(

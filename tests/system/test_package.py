@@ -25,6 +25,7 @@ from email.parser import HeaderParser
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ..docs_code import blocks_run_by
 from .server import REPO_ROOT, free_port
 
 README = REPO_ROOT / "README.md"
@@ -32,11 +33,14 @@ INSTALL_SECONDS = 300.0
 START_SECONDS = 20.0
 
 
-def readme_block(marker: str) -> str:
-    """The code block that follows ``<!-- quickstart: <marker> -->`` in the README."""
-    match = re.search(rf"<!-- quickstart: {re.escape(marker)} -->\n```\w+\n(.*?)```", README.read_text(), re.DOTALL)
-    assert match is not None, f"README.md has no code block after <!-- quickstart: {marker} -->"
-    return match.group(1)
+def quickstart_blocks() -> tuple[str, str]:
+    """The README Quickstart's ``app.py`` and its ``bash`` lines: the blocks this test runs
+    (tests/docs_code.py's ``<!-- check: run ... -->`` markers)."""
+    app, commands = blocks_run_by(
+        README, "tests/system/test_package.py::test_the_wheel_installs_and_runs_the_readme_quickstart"
+    )
+    assert (app.language, commands.language) == ("python", "bash")
+    return app.code, commands.code
 
 
 def user_env() -> dict[str, str]:
@@ -139,8 +143,9 @@ def test_the_wheel_installs_and_runs_the_readme_quickstart(tmp_path: Path) -> No
     pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python")]
     project = tmp_path / "project"
     project.mkdir()
-    (project / "app.py").write_text(readme_block("app.py"))
-    install, serve_line, curl = readme_block("run").strip().splitlines()
+    app_py, commands = quickstart_blocks()
+    (project / "app.py").write_text(app_py)
+    install, serve_line, curl = commands.strip().splitlines()
 
     # Without the extras: the Quickstart's command stops at startup, saying which extra to install, and
     # asgi_db_session.fastapi does the same.

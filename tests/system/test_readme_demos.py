@@ -1,5 +1,5 @@
-"""The README's "The demos" section: each curl line is a real route of the demos and answers the status the
-README gives it, and each route of the demos has a curl line."""
+"""The demos page (docs/tutorial/demos.md): each curl line is a real route of the demos and answers the status
+the page gives it, and each route of the demos has a curl line."""
 
 from __future__ import annotations
 
@@ -18,20 +18,22 @@ import pytest
 from starlette.routing import Route
 
 from ..conftest import Backend
+from ..docs_code import DOCS, blocks, blocks_run_by
 from .test_examples import DEMOS, _demo_env, _free_port, _wait_until_serving, notes_db, notes_pg_database, serving
 
 __all__ = ["notes_db", "notes_pg_database"]  # fixtures shared with the demos' own tests
 
 pytestmark = pytest.mark.anyio
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+DEMOS_PAGE = DOCS / "tutorial" / "demos.md"
+RUN_BY = "tests/system/test_readme_demos.py::test_the_curl_lines_answer_as_documented"
 ORIGIN = "localhost:8000"
 FASTAPI_ONLY = "FastAPI demo only"
 
 
 @dataclass(frozen=True)
 class Curl:
-    """One curl line of the README, as the request it sends and the status the README says it gets."""
+    """One curl line of the demos page, as the request it sends and the status the page says it gets."""
 
     line: str
     method: str
@@ -68,27 +70,22 @@ def parse(line: str) -> Curl:
 
 
 def curl_lines() -> list[Curl]:
-    text = README.read_text()
-    start = text.index("\n## The demos\n")
-    section = text[start : text.index("\n## ", start + 1)]
-    return [parse(line) for line in section.splitlines() if line.startswith("curl ")]
+    """The curl lines of the page's blocks marked as run by this module's tests."""
+    return [parse(line) for block in blocks_run_by(DEMOS_PAGE, RUN_BY) for line in block.code.splitlines()]
 
 
-def test_the_demos_section_has_its_curl_lines() -> None:
+def test_the_demos_page_has_its_curl_lines() -> None:
     curls = curl_lines()
-    # Every curl command in the section's code blocks is one the test runs: none escapes the parser (indented,
-    # say). Not an exact count: the section is free to gain lines, and each is run by the test below.
-    text = README.read_text()
-    start = text.index("\n## The demos\n")
-    blocks = re.findall(r"```\w*\n(.*?)```", text[start : text.index("\n## ", start + 1)], flags=re.DOTALL)
-    commands = [line for block in blocks for line in block.splitlines() if "curl " in line]
+    # Every curl command of the page is one the tests run: none escapes the parser (indented, or in a block
+    # without the marker, say). Not an exact count: the page is free to gain lines, and each is run below.
+    commands = [line for block in blocks(DEMOS_PAGE) for line in block.code.splitlines() if "curl " in line]
     assert [curl.line for curl in curls] == commands
     assert len(curls) >= 10
     assert 409 in {curl.status for curl in curls}
 
 
 @pytest.mark.parametrize("demo", sorted(DEMOS))
-async def test_the_readme_curl_lines_answer_as_documented(notes_db: Backend, demo: str) -> None:
+async def test_the_curl_lines_answer_as_documented(notes_db: Backend, demo: str) -> None:
     curls = [curl for curl in curl_lines() if demo == "fastapi" or not curl.fastapi_only]
     app = DEMOS[demo](notes_db.url)
     async with serving(app) as http:
@@ -99,21 +96,21 @@ async def test_the_readme_curl_lines_answer_as_documented(notes_db: Backend, dem
             answered.append((curl.line, response.status_code))
     assert answered == [(curl.line, curl.status) for curl in curls]
 
-    # And the other way round: every route the demo has is in the README.
+    # And the other way round: every route the demo has is on the page.
     for route in app.routes:
         if not isinstance(route, Route) or not route.include_in_schema:
             continue
         for method in (route.methods or set()) - {"HEAD"}:
             documented = [curl for curl in curls if curl.method == method and route.path_regex.fullmatch(curl.path)]
-            assert documented, f"{method} {route.path} of the {demo} demo has no curl line in the README"
+            assert documented, f"{method} {route.path} of the {demo} demo has no curl line in docs/tutorial/demos.md"
 
 
-async def test_the_readme_curl_lines_run_with_curl_against_the_demo_server(tmp_path: Path) -> None:
+async def test_the_curl_lines_run_with_curl_against_the_demo_server(tmp_path: Path) -> None:
     """The lines as a user runs them: real curl against ``python -m examples.notes`` (on another port)."""
     if shutil.which("curl") is None:
         reason = "curl is not installed (apt-get install curl; ./dev test installs it)"
         if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI is set, so the README's curl lines must run")
+            pytest.fail(f"{reason}; CI is set, so the demos page's curl lines must run")
         pytest.skip(reason)
     port = _free_port()
     env = {key: value for key, value in _demo_env().items() if "proxy" not in key.lower()}

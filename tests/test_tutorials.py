@@ -1,0 +1,115 @@
+"""The tutorials, followed as a reader follows them: each file the page shows is written into an empty project,
+each command it shows is run there in page order (``alembic`` and ``python`` from this venv), on PostgreSQL
+databases made for the test. tests/test_docs_code.py type-checks the same files.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .docs_code import DOCS, blocks_run_by
+from .test_testing_plugin import run_pg, user_tables
+
+STARLETTE_PAGE = DOCS / "tutorial" / "starlette.md"
+FASTAPI_PAGE = DOCS / "tutorial" / "fastapi.md"
+COMMAND_SECONDS = 120
+
+
+@pytest.fixture
+def tutorial_databases(postgresql_dsn: str) -> Iterator[dict[str, str]]:
+    """The tutorial's two databases, ``tasks`` and ``tasks_test``, as fresh ones made for this test: each
+    name the page uses, with the URL that stands in for it."""
+    made = {name: f"adbs_tutorial_{uuid.uuid4().hex[:10]}" for name in ("tasks", "tasks_test")}
+    for database in made.values():
+        run_pg(postgresql_dsn, f"CREATE DATABASE {database}")
+    server = postgresql_dsn.rsplit("/", 1)[0]
+    yield {name: f"{server}/{database}" for name, database in made.items()}
+    for database in made.values():
+        run_pg(postgresql_dsn, f"DROP DATABASE {database} WITH (FORCE)")
+
+
+def stand_in(url: str, databases: dict[str, str]) -> str:
+    """The test's URL for a URL of the page, chosen by the database name it ends with."""
+    name = url.rsplit("/", 1)[-1]
+    assert name in databases, f"the page's URL {url} names a database the test has no stand-in for"
+    return databases[name]
+
+
+def run_line(line: str, project: Path, env: dict[str, str], databases: dict[str, str]) -> str:
+    """One command line of the page: ``NAME=value`` prefixes, then ``alembic ...`` or ``python ...``."""
+    words = shlex.split(line, comments=True)
+    if not words:
+        return ""
+    env = dict(env)
+    while "=" in words[0]:
+        name, _, value = words.pop(0).partition("=")
+        env[name] = stand_in(value, databases) if name == "DATABASE_URL" else value
+    program, *args = words
+    commands = {"alembic": [sys.executable, "-m", "alembic"], "python": [sys.executable]}
+    assert program in commands, f"this test does not know how to run the page's {line!r}"
+    result = subprocess.run(
+        [*commands[program], *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_SECONDS,
+        check=False,
+    )
+    assert result.returncode == 0, f"{line}\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def follow(page: Path, test: str, project: Path, databases: dict[str, str]) -> list[str]:
+    """Write the page's files and run its commands in page order; the output of each command line."""
+    # As the page's first step exports it: the app's database.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DATABASE_")}
+    env["DATABASE_URL"] = databases["tasks"]
+    outputs = []
+    for block in blocks_run_by(page, test):
+        if block.language == "python":
+            assert block.file_name is not None, f"{block.where}: its first line must name its file (# app.py)"
+            path = project / block.file_name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(block.code, encoding="utf-8")
+        else:
+            assert block.language == "bash", block.where
+            outputs += [run_line(line, project, env, databases) for line in block.code.splitlines()]
+    return outputs
+
+
+def check_tutorial(page: Path, test: str, tmp_path: Path, databases: dict[str, str]) -> None:
+    project = tmp_path / "tasks"
+    project.mkdir()
+    outputs = follow(page, test, project, databases)
+    # Migrated: the app's database has the table the migration made; the tests' database was migrated up and
+    # back down by the plugin, and is empty again.
+    assert user_tables(databases["tasks"]) == ["public.alembic_version", "public.tasks"]
+    assert "2 passed" in outputs[-1], outputs[-1]
+    assert user_tables(databases["tasks_test"]) == []
+
+
+def test_the_starlette_tutorial_migrates_and_its_tests_pass(tmp_path: Path, tutorial_databases: dict[str, str]) -> None:
+    check_tutorial(
+        STARLETTE_PAGE,
+        "tests/test_tutorials.py::test_the_starlette_tutorial_migrates_and_its_tests_pass",
+        tmp_path,
+        tutorial_databases,
+    )
+
+
+def test_the_fastapi_tutorial_migrates_and_its_tests_pass(tmp_path: Path, tutorial_databases: dict[str, str]) -> None:
+    check_tutorial(
+        FASTAPI_PAGE,
+        "tests/test_tutorials.py::test_the_fastapi_tutorial_migrates_and_its_tests_pass",
+        tmp_path,
+        tutorial_databases,
+    )
