@@ -23,10 +23,9 @@ FASTAPI_PAGE = DOCS / "tutorial" / "fastapi.md"
 COMMAND_SECONDS = 120
 
 
-@pytest.fixture
-def tutorial_databases(postgresql_dsn: str) -> Iterator[dict[str, str]]:
-    """The tutorial's two databases, ``tasks`` and ``tasks_test``, as fresh ones made for this test: each
-    name the page uses, with the URL that stands in for it."""
+@pytest.fixture(scope="module")
+def made_databases(postgresql_dsn: str) -> Iterator[dict[str, str]]:
+    """Two databases made for this module's tests (made and dropped once: each costs seconds on a busy server)."""
     made = {name: f"adbs_tutorial_{uuid.uuid4().hex[:10]}" for name in ("tasks", "tasks_test")}
     for database in made.values():
         run_pg(postgresql_dsn, f"CREATE DATABASE {database}")
@@ -34,6 +33,16 @@ def tutorial_databases(postgresql_dsn: str) -> Iterator[dict[str, str]]:
     yield {name: f"{server}/{database}" for name, database in made.items()}
     for database in made.values():
         run_pg(postgresql_dsn, f"DROP DATABASE {database} WITH (FORCE)")
+
+
+@pytest.fixture
+def tutorial_databases(made_databases: dict[str, str]) -> dict[str, str]:
+    """The tutorial's two databases, ``tasks`` and ``tasks_test``: each name the page uses, with the URL of an
+    empty database that stands in for it (emptied here: the tutorial before left its tables)."""
+    for url in made_databases.values():
+        run_pg(url, "DROP SCHEMA public CASCADE")
+        run_pg(url, "CREATE SCHEMA public")
+    return made_databases
 
 
 def stand_in(url: str, databases: dict[str, str]) -> str:
