@@ -26,7 +26,7 @@ __all__ = ["notes_db", "notes_pg_database"]  # fixtures shared with the demos' o
 pytestmark = pytest.mark.anyio
 
 DEMOS_PAGE = DOCS / "tutorial" / "demos.md"
-RUN_BY = "tests/system/test_readme_demos.py::test_the_curl_lines_answer_as_documented"
+RUN_BY = "tests/system/test_demos_page.py::test_the_curl_lines_answer_as_documented"
 ORIGIN = "localhost:8000"
 FASTAPI_ONLY = "FastAPI demo only"
 
