@@ -1,26 +1,32 @@
 """The tutorials, followed as a reader follows them: each file the page shows is written into an empty project,
-each command it shows is run there in page order (``alembic`` and ``python`` from this venv), on PostgreSQL
-databases made for the test. tests/test_docs_code.py type-checks the same files.
+each command it shows is run there in page order (``alembic``, ``python`` and ``uvicorn`` from this venv, the
+``curl`` lines against that server), on PostgreSQL databases made for the test. tests/test_docs_code.py
+type-checks the same files.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from .docs_code import DOCS, blocks_run_by
+from .system.server import free_port
 from .test_testing_plugin import run_pg, user_tables
 
 STARLETTE_PAGE = DOCS / "tutorial" / "starlette.md"
 FASTAPI_PAGE = DOCS / "tutorial" / "fastapi.md"
 COMMAND_SECONDS = 120
+SERVER_START_SECONDS = 60
 
 
 @pytest.fixture(scope="module")
@@ -52,47 +58,112 @@ def stand_in(url: str, databases: dict[str, str]) -> str:
     return databases[name]
 
 
-def run_line(line: str, project: Path, env: dict[str, str], databases: dict[str, str]) -> str:
-    """One command line of the page: ``NAME=value`` prefixes, then ``alembic ...`` or ``python ...``."""
-    words = shlex.split(line, comments=True)
-    if not words:
-        return ""
-    env = dict(env)
-    while "=" in words[0]:
-        name, _, value = words.pop(0).partition("=")
-        env[name] = stand_in(value, databases) if name == "DATABASE_URL" else value
-    program, *args = words
-    commands = {"alembic": [sys.executable, "-m", "alembic"], "python": [sys.executable]}
-    assert program in commands, f"this test does not know how to run the page's {line!r}"
-    result = subprocess.run(
-        [*commands[program], *args],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_SECONDS,
-        check=False,
-    )
-    assert result.returncode == 0, f"{line}\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+class Reader:
+    """Runs a page's command lines in ``project`` as a reader would, in order: ``NAME=value`` prefixes, then
+    ``alembic ...`` or ``python ...`` (this venv's), ``uvicorn app:app`` (in the background, on a free port), and
+    ``curl`` lines sent to that server, each checked against its comment (``# 409 ...``: the status; ``# {...}``
+    or ``# [...]``: the JSON answer)."""
+
+    def __init__(self, project: Path, databases: dict[str, str]) -> None:
+        self.project = project
+        self.databases = databases
+        # As the page's first step exports it: the app's database.
+        self.env = {key: value for key, value in os.environ.items() if not key.startswith("DATABASE_")}
+        self.env["DATABASE_URL"] = databases["tasks"]
+        self.server: subprocess.Popen[bytes] | None = None
+        self.port = free_port()
+        self.outputs: list[str] = []
+
+    def run(self, line: str) -> None:
+        words = shlex.split(line, comments=True)
+        if not words:
+            return
+        env = dict(self.env)
+        while "=" in words[0]:
+            name, _, value = words.pop(0).partition("=")
+            env[name] = stand_in(value, self.databases) if name == "DATABASE_URL" else value
+        program, *args = words
+        if program == "uvicorn":
+            self.serve(args, env)
+        elif program == "curl":
+            self.curl(line, args)
+        else:
+            commands = {"alembic": [sys.executable, "-m", "alembic"], "python": [sys.executable]}
+            assert program in commands, f"this test does not know how to run the page's {line!r}"
+            result = subprocess.run(
+                [*commands[program], *args],
+                cwd=self.project,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=COMMAND_SECONDS,
+                check=False,
+            )
+            assert result.returncode == 0, f"{line}\n{result.stdout}\n{result.stderr}"
+            self.outputs.append(result.stdout)
+
+    def serve(self, args: list[str], env: dict[str, str]) -> None:
+        assert self.server is None, "the page starts a second server"
+        command = [sys.executable, "-m", "uvicorn", *args, "--port", str(self.port), "--no-access-log"]
+        self.server = subprocess.Popen(command, cwd=self.project, env=env)
+        deadline = time.monotonic() + SERVER_START_SECONDS  # generous: the machine may be loaded
+        while time.monotonic() < deadline:
+            assert self.server.poll() is None, f"uvicorn exited with {self.server.returncode}"
+            try:
+                httpx.get(f"http://127.0.0.1:{self.port}/", timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        pytest.fail(f"uvicorn did not answer within {SERVER_START_SECONDS} s")
+
+    def curl(self, line: str, args: list[str]) -> None:
+        assert self.server is not None, f"{line!r} before the page starts the app"
+        method, body, url = "GET", None, None
+        while args:
+            arg = args.pop(0)
+            if arg == "-X":
+                method = args.pop(0)
+            elif arg == "--json":  # curl sends it as the body, with a JSON content-type, POST unless -X says
+                body = args.pop(0)
+                method = "POST" if method == "GET" else method
+            elif arg != "-i":
+                assert not arg.startswith("-"), f"this test does not know curl's {arg}: {line}"
+                url = arg
+        assert url is not None, line
+        assert url.startswith("localhost:8000/"), line
+        headers = {"content-type": "application/json"} if body is not None else {}
+        response = httpx.request(
+            method, f"http://127.0.0.1:{self.port}/{url.split('/', 1)[1]}", content=body, headers=headers, timeout=30
+        )
+        shown = line.partition("#")[2].strip()
+        if shown[:1] in "{[":
+            assert response.json() == json.loads(shown), line
+        else:
+            assert response.status_code == int(shown.split()[0]), f"{line}: {response.status_code} {response.text}"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.terminate()
+            self.server.wait(timeout=30)
 
 
 def follow(page: Path, test: str, project: Path, databases: dict[str, str]) -> list[str]:
-    """Write the page's files and run its commands in page order; the output of each command line."""
-    # As the page's first step exports it: the app's database.
-    env = {key: value for key, value in os.environ.items() if not key.startswith("DATABASE_")}
-    env["DATABASE_URL"] = databases["tasks"]
-    outputs = []
-    for block in blocks_run_by(page, test):
-        if block.language == "python":
-            assert block.file_name is not None, f"{block.where}: its first line must name its file (# app.py)"
-            path = project / block.file_name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(block.code, encoding="utf-8")
-        else:
-            assert block.language == "bash", block.where
-            outputs += [run_line(line, project, env, databases) for line in block.code.splitlines()]
-    return outputs
+    """Write the page's files and run its commands in page order; the output of each program it ran."""
+    reader = Reader(project, databases)
+    try:
+        for block in blocks_run_by(page, test):
+            if block.language == "python":
+                assert block.file_name is not None, f"{block.where}: its first line must name its file (# app.py)"
+                path = project / block.file_name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(block.code, encoding="utf-8")
+            else:
+                assert block.language == "bash", block.where
+                for line in block.code.splitlines():
+                    reader.run(line)
+    finally:
+        reader.stop()
+    return reader.outputs
 
 
 def check_tutorial(page: Path, test: str, tmp_path: Path, databases: dict[str, str]) -> None:
