@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import re
 import shutil
+import tomllib
 from collections import defaultdict
 from pathlib import Path
 
@@ -65,6 +66,15 @@ def test_syntax_only_blocks_parse() -> None:
             ast.parse(block.code, filename=block.where)
 
 
+def test_included_files_exist_and_are_type_checked_by_the_project() -> None:
+    checked = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
+    for block in all_blocks():
+        if block.included is not None:
+            assert (ROOT / block.included).is_file(), f"{block.where}: no such file {block.included}"
+            top = block.included.split("/", 1)[0]
+            assert top in checked, f"{block.where}: {block.included} is not in [tool.mypy] files"
+
+
 def slug(block: Block) -> str:
     relative = block.page.relative_to(ROOT).with_suffix("")
     return re.sub(r"\W", "_", str(relative)).lower() + f"_line{block.line}"
@@ -74,7 +84,7 @@ def test_every_python_block_type_checks(tmp_path: Path) -> None:
     """Unmarked and run-marked ```python blocks, as modules of a user's project beside ``myapp`` (the notes app)."""
     projects: dict[str, dict[str, Block]] = defaultdict(dict)
     for block in all_blocks():
-        if block.language != "python" or block.syntax_only is not None:
+        if block.language != "python" or block.syntax_only is not None or block.included is not None:
             continue
         if block.file_name is None:
             projects["pages"][f"{slug(block)}.py"] = block
@@ -130,10 +140,12 @@ def test_the_checker_reads_markers_and_file_names(tmp_path: Path) -> None:
     text = (
         "<!-- check: run tests/test_x.py::test_y -->\n```python\n# app.py\nx = 1\n```\n\n"
         "<!-- check: syntax, another library -->\n```python\nfrom other import thing\n```\n\n"
-        "```bash\necho hi\n```\n"
+        "```bash\necho hi\n```\n\n"
+        "```python\n--8<--\nexamples/alembic/env.py\n--8<--\n```\n"
     )
     page.write_text(text, encoding="utf-8")
-    run, syntax, shell = blocks(page)
+    run, syntax, shell, included = blocks(page)
     assert (run.run_by, run.syntax_only, run.file_name, run.line) == ("tests/test_x.py::test_y", None, "app.py", 2)
     assert (syntax.run_by, syntax.syntax_only, syntax.file_name) == (None, "another library", None)
     assert (shell.language, shell.code, shell.run_by) == ("bash", "echo hi\n", None)
+    assert (included.included, run.included) == ("examples/alembic/env.py", None)
