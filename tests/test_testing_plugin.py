@@ -382,8 +382,8 @@ def test_a_database_made_inside_the_block_joins_it(target: Target) -> None:
 def test_the_plugin_finds_an_app_whose_middleware_reads_the_environment(
     pytester: pytest.Pytester, target: Target, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``app.add_middleware(DBSessionMiddleware)`` with DATABASE_URL set and no `database` fixture: the README's
-    own pattern, where the app's Database is made only at the first request."""
+    """``app.add_middleware(DBSessionMiddleware)`` with DATABASE_URL set and no `database` fixture: the
+    testing page's own pattern, where the app's Database is made only at the first request."""
     monkeypatch.setenv("DATABASE_URL", target.url)
     app = APP.format(table=target.table, url=target.url)
     app = app.replace(f"db = Database({target.url!r})\n", "").replace(

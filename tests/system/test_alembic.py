@@ -1,8 +1,8 @@
-"""examples/alembic, copied into a project of its own as the README says, and run as a user runs it.
+"""examples/alembic, copied into a project of its own as docs/how-to/migrations.md says, and run as a user runs it.
 
 Each test copies the recipe into a temporary project (``migrations/``) beside a models package of that
 project's own (``notesapp``, with the demo's models: examples/notes/models.py), changes the one import in
-env.py that the README tells a user to change, and runs the ``alembic`` command in a subprocess from the
+env.py that the migrations page tells a user to change, and runs the ``alembic`` command in a subprocess from the
 project's root (so that ``prepend_sys_path`` is what finds the models) with only DATABASE_URL set:
 ``revision --autogenerate`` writes the first migration, ``upgrade head`` runs it, a second ``revision
 --autogenerate`` must find nothing to do, ``downgrade base`` removes the tables. A second connection that
@@ -40,7 +40,7 @@ from ..conftest import PG_URL
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE = REPO_ROOT / "examples" / "alembic"
 DEMO_MODELS = REPO_ROOT / "examples" / "notes" / "models.py"
-# The line of env.py that the README tells a user to change, and what this test's project changes it to.
+# The line of env.py that the migrations page tells a user to change, and what this test's project changes it to.
 MODELS_IMPORT = "from examples.notes.models import Base"
 OWN_MODELS_IMPORT = "from notesapp.models import Base"
 ALEMBIC = str(Path(sys.executable).parent / "alembic")
@@ -68,7 +68,7 @@ class Project:
         shutil.copy(DEMO_MODELS, root / "notesapp" / "models.py")
         env_py = root / "migrations" / "env.py"
         text = env_py.read_text()
-        assert text.count(MODELS_IMPORT) == 1, "env.py no longer has the import the README tells users to change"
+        assert text.count(MODELS_IMPORT) == 1, "env.py lost the import the migrations page tells users to change"
         env_py.write_text(text.replace(MODELS_IMPORT, OWN_MODELS_IMPORT))
 
     @property

@@ -296,7 +296,7 @@ def old_table(backend: Backend) -> str:
 
 @pytest.mark.parametrize("demo", sorted(DEMOS))
 async def test_a_notes_table_without_the_unique_title_stops_the_startup(notes_db: Backend, demo: str) -> None:
-    # As an earlier version of the demo made it: there the 409 the README shows would be a second 201.
+    # As an earlier version of the demo made it: there the 409 the demos page shows would be a second 201.
     await notes_db.execute(old_table(notes_db))
     app = DEMOS[demo](notes_db.url)
     try:

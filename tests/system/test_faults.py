@@ -172,7 +172,7 @@ def app_response() -> Response:
     return response
 
 
-# What a client reads in the body of the default mapping's answers, as the README's failure table promises.
+# What a client reads in the body of the default mapping's answers, as docs/reference/failures.md promises.
 REPLACED_BODIES = {
     409: "Conflict: the request clashes with data saved meanwhile; nothing was saved.",
     503: "Service Unavailable: the database could not complete the request; retry it.",

@@ -247,7 +247,7 @@ async def test_a_write_in_a_read_only_endpoint_fails_and_writes_nothing(
     async with client(app, raise_app_exceptions=False) as http:
         response = await http.post("/sneaky")
 
-    assert response.status_code == 500, response.text  # the README's failure table: a bug in the app
+    assert response.status_code == 500, response.text  # docs/reference/failures.md: a bug in the app
     assert len(errors) == 1, errors
     assert is_read_only_violation(errors[0]), error_chain(errors[0])
     assert await rows_on_primary(replicas) == 0
