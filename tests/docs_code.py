@@ -17,9 +17,10 @@ drawings, ```ini / ```toml for configuration files. The checker (tests/test_docs
   shown beside ours on a "Coming from" page. WHY is required and says what the code is.
 
 A block that is only a snippet include, ``--8<--`` / ``examples/alembic/env.py`` / ``--8<--`` on three lines
-(pymdownx.snippets puts the file there when the site is built), shows a file of this repository as it is: the
-checker requires the file to be one the project's own ``mypy --strict`` checks (pyproject.toml's
-``[tool.mypy] files``), and checks nothing more.
+(or ``--8<-- "examples/alembic/env.py"`` on one, which ruff format may rewrite; pymdownx.snippets puts the
+file there when the site is built), shows a file of this repository as it is: the checker requires the file to
+be one the project's own ``mypy --strict`` checks (pyproject.toml's ``[tool.mypy] files``), and checks nothing
+more.
 
 A block that is only part of a module (a line to add to an app, say) is written as the whole small module
 instead: readers copy blocks, and a complete one is what they can paste. ``ruff format`` formats the ```python
@@ -40,9 +41,9 @@ LANGUAGES = frozenset({"python", "bash", "console", "text", "ini", "toml"})
 FENCE = re.compile(r"^```(?P<language>\S*)[ \t]*$")
 MARKER = re.compile(r"^<!-- check: (?:run (?P<test>\S+)|syntax, (?P<why>\S.*?)) -->$")
 FILE_LINE = re.compile(r"# (?P<name>[\w/]+\.py)")
-# pymdownx.snippets' block form: a one-line form would be reformatted by ruff format, which formats the
-# ```python blocks of Markdown files too, and the block form is not Python, which ruff leaves alone.
-SNIPPET = re.compile(r"--8<--\n(?P<path>[^\n]+)\n--8<--\n")
+# pymdownx.snippets' two forms. Prefer the block form: ruff format formats the ```python blocks of Markdown files
+# too and may rewrite the one-line form (as Python: "--8 < --"...") but leaves the block form, not Python, alone.
+SNIPPET = re.compile(r'--8<-- "(?P<line>[^"\n]+)"\n|--8<--\n(?P<block>[^\n]+)\n--8<--\n')
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Block:
     def included(self) -> str | None:
         """The repository file the block shows, when it is a snippet include and nothing else."""
         match = SNIPPET.fullmatch(self.code)
-        return match["path"] if match else None
+        return (match["line"] or match["block"]) if match else None
 
     @property
     def file_name(self) -> str | None:

@@ -141,11 +141,13 @@ def test_the_checker_reads_markers_and_file_names(tmp_path: Path) -> None:
         "<!-- check: run tests/test_x.py::test_y -->\n```python\n# app.py\nx = 1\n```\n\n"
         "<!-- check: syntax, another library -->\n```python\nfrom other import thing\n```\n\n"
         "```bash\necho hi\n```\n\n"
-        "```python\n--8<--\nexamples/alembic/env.py\n--8<--\n```\n"
+        "```python\n--8<--\nexamples/alembic/env.py\n--8<--\n```\n\n"
+        '```python\n--8<-- "examples/notes/app.py"\n```\n'
     )
     page.write_text(text, encoding="utf-8")
-    run, syntax, shell, included = blocks(page)
+    run, syntax, shell, included, included_one_line = blocks(page)
     assert (run.run_by, run.syntax_only, run.file_name, run.line) == ("tests/test_x.py::test_y", None, "app.py", 2)
     assert (syntax.run_by, syntax.syntax_only, syntax.file_name) == (None, "another library", None)
     assert (shell.language, shell.code, shell.run_by) == ("bash", "echo hi\n", None)
     assert (included.included, run.included) == ("examples/alembic/env.py", None)
+    assert included_one_line.included == "examples/notes/app.py"
