@@ -140,7 +140,8 @@ class _ConnectWrapper:
             ) from exc
         except Exception as exc:
             # SQLAlchemy 2.1 wraps asyncpg's error in one of its adapter (asyncpg's as __cause__); 2.0 does not.
-            refused = exc if isinstance(exc, asyncpg.PostgresError) else exc.__cause__
+            own = isinstance(exc, asyncpg.PostgresError | asyncpg.TargetServerAttributeNotMatched)
+            refused = exc if own else exc.__cause__
             if isinstance(refused, asyncpg.TargetServerAttributeNotMatched):
                 # Every host answered, none is what target_session_attrs asks for: a failover under way, say.
                 reason = NO_TARGET_HOST
