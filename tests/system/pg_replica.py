@@ -349,11 +349,11 @@ def crash(cluster: Cluster) -> None:
     lines = (_data_directory(cluster) / "postmaster.pid").read_text().splitlines()
     postmaster = int(lines[0])
     os.kill(postmaster, signal.SIGSTOP)
-    for child in _children(postmaster):
-        os.kill(child, signal.SIGKILL)
-    os.kill(postmaster, signal.SIGKILL)
+    processes = [*_children(postmaster), postmaster]  # listed before the kill: init adopts the orphans after it
+    for pid in processes:
+        os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + COMMAND_TIMEOUT
-    while _alive(postmaster) or any(_alive(child) for child in _children(postmaster)):
+    while any(_alive(pid) for pid in processes):
         if time.monotonic() > deadline:
             raise RuntimeError(f"the postmaster {postmaster} of {cluster.name} still runs after kill -9")
         time.sleep(0.01)
