@@ -5,6 +5,10 @@ request it would have sent is lost: the statement runs on in the server, holding
 opens a new connection in its place (before asyncpg 0.32 even the socket stayed open). A fresh task, outside
 the cancelled scope, asks that same server to end the backend: the connection is thrown away already, so
 ending it (not just its statement) also ends its transaction and locks.
+
+Never a backend that waits for its synchronous standby (``wait_event = 'SyncRep'``): its COMMIT is written on
+the primary already, and ending it there would leave the transaction committed on the primary and missing
+from the standby, which a failover would then lose. Such a backend ends by itself once the standby confirms.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 logger = logging.getLogger("asgi_db_session")
+
+# One statement, so that the backend's wait is read just before it is ended (see the module's docstring).
+_END_UNLESS_SYNC_REP = text(
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = :pid AND wait_event IS DISTINCT FROM 'SyncRep'"
+)
 
 # How long a connection invalidated by a cancellation gets to close by itself before its backend is ended.
 ORPHAN_GRACE_SECONDS = 0.25
@@ -67,7 +76,7 @@ class OrphanReaper:
                     self._url, poolclass=NullPool, connect_args=self._connect_args, isolation_level="AUTOCOMMIT"
                 )
             async with self._side_engine.connect() as connection:
-                await connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                await connection.execute(_END_UNLESS_SYNC_REP, {"pid": pid})
         except Exception:  # the server may be gone too; the statement then is as well
             logger.debug("could not end backend %d of a cancelled statement", pid, exc_info=True)
 

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 from sqlalchemy.orm import Session
 
 from ._orphans import OrphanReaper, server_ends_orphans
+from ._read_only_server import discard_read_only_servers
 from ._session import GuardedSession, HookSession, WriteTrackingSession
 from ._urls import redact_url
 from .exceptions import (
@@ -24,6 +25,7 @@ from .exceptions import (
     HOOKS_WOULD_NEVER_RUN,
     JOINS_NESTED,
     NO_DATABASE,
+    NO_TARGET_HOST,
     REPLICAS_AS_STRING,
     REPLICAS_WITHOUT_SETTINGS,
     TWO_ENGINE_SOURCES,
@@ -138,8 +140,12 @@ class _ConnectWrapper:
             ) from exc
         except Exception as exc:
             # SQLAlchemy 2.1 wraps asyncpg's error in one of its adapter (asyncpg's as __cause__); 2.0 does not.
-            refused = exc if isinstance(exc, asyncpg.PostgresError) else exc.__cause__
-            if isinstance(refused, asyncpg.InvalidAuthorizationSpecificationError):
+            own = isinstance(exc, asyncpg.PostgresError | asyncpg.TargetServerAttributeNotMatched)
+            refused = exc if own else exc.__cause__
+            if isinstance(refused, asyncpg.TargetServerAttributeNotMatched):
+                # Every host answered, none is what target_session_attrs asks for: a failover under way, say.
+                reason = NO_TARGET_HOST
+            elif isinstance(refused, asyncpg.InvalidAuthorizationSpecificationError):
                 reason = "the server refused the login"
             elif isinstance(refused, asyncpg.InvalidCatalogNameError):
                 reason = "the server has no such database"
@@ -290,6 +296,7 @@ class Database:
             _count_queries_on(sync_engine, self.name)
         if engine.dialect.driver != "asyncpg":
             return
+        discard_read_only_servers(dialect)
         if settings is None:
             # An engine given as it is: its URL, without the connect_args it was made with (an SSL setting,
             # say); if the side connection then fails, the backend stays, as it would without this.

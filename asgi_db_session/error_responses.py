@@ -110,8 +110,9 @@ def default_error_response(error: BaseException) -> ErrorResponse | None:
     """409 for a unique violation; 503 with ``Retry-After`` for what a retry can fix; None for the rest.
 
     503: a serialization failure or deadlock (the transaction lost a race), a lost or invalidated connection
-    (the server restarted), a server that refuses connections or is starting or shutting down, a full pool
-    (``sqlalchemy.exc.TimeoutError``) or a server out of connection slots, a busy SQLite database.
+    (the server restarted, or became read-only: see _read_only_server.py), a server that refuses connections
+    or is starting or shutting down, a full pool (``sqlalchemy.exc.TimeoutError``) or a server out of
+    connection slots, a busy SQLite database.
     """
     if isinstance(error, sa_exc.TimeoutError | DatabaseUnavailableError):
         return SERVICE_UNAVAILABLE

@@ -54,6 +54,7 @@ __all__ = [
     "NO_DATABASE",
     "NO_SCOPE",
     "NO_SESSION_ROUTE",
+    "NO_TARGET_HOST",
     "NO_URL",
     "NoSessionError",
     "ON_COMMIT_NEEDS_GUARDED_SESSION",
@@ -147,6 +148,11 @@ REPLICAS_AS_STRING = "replicas= takes a list of URLs, not one string: replicas=[
 REPLICAS_WITHOUT_SETTINGS = "replicas= needs url= or settings= for the primary: engine= gives no settings to share."
 JOINS_NESTED = "Sessions of database {name!r} already join a connection; blocks do not nest."
 UNREACHABLE = "Cannot reach database {name!r} at {url}: {reason}"
+# UNREACHABLE's reason when every host of the URL answered and none was what its target_session_attrs asks for.
+NO_TARGET_HOST = (
+    "no host of the URL is what its target_session_attrs asks for (a failover under way: the primary down or "
+    "fenced, the standby not promoted yet); retry once one is, and check that the URL names every server"
+)
 # Database.check(): the reason, then what to do.
 CHECK_FAILED = "{error}. Check DATABASE_URL and that the server is running and accepts connections."
 HEALTH_TIMEOUT = "timeout must be a positive number of seconds, got {timeout!r}"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -158,6 +159,17 @@ def test_what_sqlalchemy_or_asyncpg_take_is_accepted(query: str, args: dict[str,
         assert type(got[name]) is type(value)
     if "max_cached" in query:
         assert (got["max_cached_statement_lifetime"], got["max_cacheable_statement_size"]) == (60, 1024)
+
+
+def test_several_hosts_and_their_target_session_attrs_reach_asyncpg() -> None:
+    """A failover URL (docs/how-to/failover.md): every host, in order, and the kind of server to connect to."""
+    settings = DatabaseSettings(
+        url="postgresql://app@/shop?host=db1:5432&host=db2:5433&target_session_attrs=read-write&timeout=2"
+    )
+    engine = create_async_engine(settings.engine_url(), **settings.engine_options())
+    _, args = engine.dialect.create_connect_args(engine.url)
+    assert (args["host"], args["port"], args["target_session_attrs"]) == (["db1", "db2"], [5432, 5433], "read-write")
+    assert settings.engine_options()["connect_args"] == {"timeout": 2.0}
 
 
 async def test_a_numeric_parameter_in_the_url_connects(postgresql_dsn: str) -> None:

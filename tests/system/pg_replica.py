@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -36,6 +37,7 @@ from .pg_cluster import (
     _create_configured,
     _create_database,
     _drop_cluster,
+    _execute,
     _free_port,
     _in_thread,
     _installed_version,
@@ -52,6 +54,8 @@ PRIMARY_SETTINGS = """
 wal_level = replica
 max_wal_senders = 4
 """
+# Any standby is synchronous (there is one): a commit waits for the standby's flush (synchronous_commit = on).
+SYNCHRONOUS = "ALTER SYSTEM SET synchronous_standby_names = '*'"
 # hot_standby is on by default; named so that the config says what the cluster is for.
 STANDBY_SETTINGS = """
 # Added by asgi_db_session's tests/system/pg_replica.py.
@@ -92,14 +96,14 @@ class ReplicaSet:
     @asynccontextmanager
     async def replay_paused(self) -> AsyncIterator[None]:
         """Inside the block the standby receives WAL but applies none of it: it sees no new write."""
-        await _execute(self.standby.dsn, "SELECT pg_wal_replay_pause()")
+        await _execute_async(self.standby.dsn, "SELECT pg_wal_replay_pause()")
         try:
             yield
         finally:
-            await _execute(self.standby.dsn, "SELECT pg_wal_replay_resume()")
+            await _execute_async(self.standby.dsn, "SELECT pg_wal_replay_resume()")
 
 
-async def _execute(dsn: str, sql: str) -> None:
+async def _execute_async(dsn: str, sql: str) -> None:
     connection = await asyncpg.connect(dsn, timeout=10)
     try:
         await connection.execute(sql)
@@ -220,7 +224,7 @@ async def _wait_for_standby(standby_cluster: Cluster, primary: Cluster) -> None:
         try:
             if not await standby.fetchval("SELECT pg_is_in_recovery()"):
                 raise RuntimeError("the standby is not in recovery: pg_basebackup -R did not make it a standby")
-            await _execute(primary.dsn, f"INSERT INTO {MARKER} VALUES (1)")
+            await _execute_async(primary.dsn, f"INSERT INTO {MARKER} VALUES (1)")
             while True:
                 if await standby.fetchval(f"SELECT count(*) FROM {MARKER}"):
                     return
@@ -229,12 +233,31 @@ async def _wait_for_standby(standby_cluster: Cluster, primary: Cluster) -> None:
             await standby.close()
 
 
-def _create_replica_set() -> ReplicaSet:
-    """Create and start the primary and its standby; drop whatever was made when a step fails."""
+async def _wait_until_synchronous(primary: Cluster) -> None:
+    """Until the primary's reloaded configuration counts its standby as synchronous."""
+    connection = await asyncpg.connect(primary.dsn, timeout=10)
+    try:
+        async with asyncio.timeout(REPLAY_TIMEOUT):
+            while True:
+                if await connection.fetchval("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"):
+                    return
+                await asyncio.sleep(0.01)
+    finally:
+        await connection.close()
+
+
+def create_replica_set(prefix: str = "adbs", *, synchronous: bool = False) -> ReplicaSet:
+    """Create and start a primary and its standby, named ``<prefix>_primary_<pid>`` and ``<prefix>_standby_<pid>``;
+    drop whatever was made when a step fails. ``synchronous``: every commit on the primary waits until the standby
+    has flushed it (``synchronous_standby_names = '*'``), so that a commit the primary answered is on the standby.
+
+    The caller drops it (``drop_replica_set``); ``pg_replica_set`` is the one a test session shares.
+    """
+    _binaries_or_skip()
     started = time.monotonic()
     version = _installed_version()
-    primary = Cluster(version, f"adbs_primary_{os.getpid()}", _free_port())
-    standby = Cluster(version, f"adbs_standby_{os.getpid()}", _free_port())
+    primary = Cluster(version, f"{prefix}_primary_{os.getpid()}", _free_port())
+    standby = Cluster(version, f"{prefix}_standby_{os.getpid()}", _free_port())
     try:
         _create_configured(primary, PG_HBA + REPLICATION_HBA, SETTINGS + PRIMARY_SETTINGS)
         _run(primary.ctl("start"))
@@ -243,6 +266,10 @@ def _create_replica_set() -> ReplicaSet:
         _create_standby(standby, primary, _config(standby))
         _run(standby.ctl("start"))
         _in_thread(_wait_for_standby(standby, primary))
+        if synchronous:
+            # Only now: made synchronous before the standby streams, the primary's own set-up commits would wait.
+            _execute(primary.dsn, SYNCHRONOUS, "SELECT pg_reload_conf()")
+            _in_thread(_wait_until_synchronous(primary))
     except BaseException:
         _drop(primary, standby)
         raise
@@ -252,6 +279,11 @@ def _create_replica_set() -> ReplicaSet:
         f"ready in {replica_set.setup_seconds:.1f}s"
     )
     return replica_set
+
+
+def drop_replica_set(replica_set: ReplicaSet) -> None:
+    """Stop and remove both clusters of ``replica_set`` (whatever state a test left them in)."""
+    _drop(replica_set.primary, replica_set.standby)
 
 
 def _drop(primary: Cluster, standby: Cluster) -> None:
@@ -272,7 +304,7 @@ def pg_replica_set() -> Iterator[ReplicaSet]:
     """A running primary and hot standby of this session's own; both dropped (stopped first) at the end."""
     _binaries_or_skip()
     if _Shared.replica_set is None:
-        _Shared.replica_set = _create_replica_set()
+        _Shared.replica_set = create_replica_set()
     replica_set = _Shared.replica_set
     _Shared.holders += 1
     try:
@@ -282,3 +314,49 @@ def pg_replica_set() -> Iterator[ReplicaSet]:
         if _Shared.holders == 0:
             _Shared.replica_set = None
             _drop(replica_set.primary, replica_set.standby)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:  # ended meanwhile
+                continue
+            if f"\nPPid:\t{pid}\n" in status:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs: neither gone nor a zombie that nobody has reaped yet."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def crash(cluster: Cluster) -> None:
+    """kill -9 the cluster's postmaster and every backend at once, as a machine that fails would lose them.
+
+    The postmaster is stopped first: a backend killed under a running postmaster would make it restart the
+    cluster (crash recovery) instead of dying with it. Its SysV shared memory segment, which only a restart
+    would reuse, is removed; the data directory stays, as a crashed server's does.
+    """
+    lines = (_data_directory(cluster) / "postmaster.pid").read_text().splitlines()
+    postmaster = int(lines[0])
+    os.kill(postmaster, signal.SIGSTOP)
+    processes = [*_children(postmaster), postmaster]  # listed before the kill: init adopts the orphans after it
+    for pid in processes:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + COMMAND_TIMEOUT
+    while any(_alive(pid) for pid in processes):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the postmaster {postmaster} of {cluster.name} still runs after kill -9")
+        time.sleep(0.01)
+    shared_memory = lines[6].split() if len(lines) > 6 else []  # "key shmid"
+    if len(shared_memory) == 2:
+        subprocess.run(["ipcrm", "-m", shared_memory[1]], capture_output=True, timeout=COMMAND_TIMEOUT, check=False)
