@@ -39,6 +39,10 @@ _NORMAL_CLOSE_CODES = frozenset({1000, 1001, 1005})
 _SHUTDOWN_TYPES = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 
 _logger = logging.getLogger("asgi_db_session")
+_LIFESPAN_REFUSED = (
+    "The app %s refused the lifespan scope (%s: %s); DBSessionMiddleware answers lifespan for it: the database is "
+    "checked at startup (when asked) and disposed at shutdown."
+)
 
 
 def _log_answered(scope: Scope, error: BaseException, response: ErrorResponse) -> None:
@@ -332,7 +336,12 @@ class DBSessionMiddleware:
         raise ValueError(message)  # a new one each time: one exception shared by requests would grow its traceback
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Let the app's lifespan run unchanged; check the database at startup, dispose it at shutdown."""
+        """Let the app's lifespan run unchanged; check the database at startup, dispose it at shutdown.
+
+        An app that refuses the lifespan scope (raises before reading a message, as Django's ASGI handler does, or
+        returns without answering, as many bare ASGI apps do) gets the protocol answered for it here: a server
+        that saw the exception would run no lifespan at all, and the engine would never be disposed.
+        """
         database = self.database
         first = await receive()
         if first["type"] == "lifespan.startup":
@@ -346,13 +355,33 @@ class DBSessionMiddleware:
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})
                 return
         pending: list[Message] = [first]
+        received: set[str] = set()
+        answered: set[str] = set()
 
         async def receive_wrapper() -> Message:
-            return pending.pop() if pending else await receive()
+            message = pending.pop() if pending else await receive()
+            received.add(message["type"])
+            return message
 
         async def send_wrapper(message: Message) -> None:
+            answered.add(message["type"])
             if message["type"] in _SHUTDOWN_TYPES and self.dispose_on_shutdown:
                 await database.dispose()
             await send(message)
 
-        await self.app(scope, receive_wrapper, send_wrapper)
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except Exception as exc:
+            # After reading the startup message the app has a lifespan of its own, and this is its failure: the
+            # server's to hear (uvicorn --lifespan on stops on it).
+            if received or answered:
+                raise
+            app_name = getattr(self.app, "__qualname__", None) or type(self.app).__qualname__
+            _logger.info(_LIFESPAN_REFUSED, app_name, type(exc).__name__, exc)
+        if answered & {"lifespan.startup.failed", *_SHUTDOWN_TYPES}:
+            return
+        if "lifespan.startup.complete" not in answered:
+            await send({"type": "lifespan.startup.complete"})
+        if "lifespan.shutdown" not in received:
+            await receive()  # the server's lifespan.shutdown: the only message left in the protocol
+        await send_wrapper({"type": "lifespan.shutdown.complete"})
