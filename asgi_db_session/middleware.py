@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._context import ScopeState, scope_var
-from ._session import commit, finish
+from ._session import cancel_other_task, commit, finish
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .database import Database
 from .error_responses import INTERNAL_SERVER_ERROR, ErrorResponse, ErrorResponseMapper, default_error_response
@@ -244,6 +244,9 @@ class DBSessionMiddleware:
                 raise failure from failure.__cause__  # not the app's re-raise of it: the database error
         except BaseException:
             state.keep = False
+            session = state.session
+            if session is not None:
+                cancel_other_task(session)  # a view task the framework started, which our cancellation missed
             raise
         finally:
             self._var.reset(token)
