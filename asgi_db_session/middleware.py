@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._context import ScopeState, scope_var
 from ._session import cancel_other_task, commit, finish
-from ._types import ASGIApp, Message, Receive, Scope, Send
+from ._types import AnyASGIApp, ASGIApp, Message, Receive, Scope, Send
 from .database import Database
 from .error_responses import INTERNAL_SERVER_ERROR, ErrorResponse, ErrorResponseMapper, default_error_response
 from .exceptions import (
@@ -101,6 +101,11 @@ class DBSessionMiddleware:
     server), and raised for every request under a server that runs no lifespan. The session is created on the first
     ``current_session()`` call of a request, so a request that never asks for one costs no connection.
 
+    ``app`` is any ASGI app: a Starlette or FastAPI app takes the middleware with ``add_middleware``; the app
+    object of another framework (Litestar, Quart, BlackSheep, Django's ASGI handler) is wrapped as a whole, which
+    is where the middleware sees the lifespan scope. An app that refuses that scope (Django's) gets it answered
+    for it: the database is still checked at startup and disposed at shutdown.
+
     ``commit_on_success=True`` commits before the response starts when its status is below 400, and turns a
     failed commit into an error response (the app's own response is never sent); a status of 400 or more,
     or an exception, rolls back. ``None`` takes the policy of ``database``, which defaults to not committing.
@@ -117,7 +122,7 @@ class DBSessionMiddleware:
 
     def __init__(
         self,
-        app: ASGIApp,
+        app: AnyASGIApp,
         *,
         database: Database | None = None,
         url: str | None = None,
@@ -145,7 +150,7 @@ class DBSessionMiddleware:
                     choices="database=, engine=, url=, settings=",
                 )
             )
-        self.app = app
+        self.app: ASGIApp = app
         self._settings_error: str | None = None
         if database is None:
             try:
