@@ -18,6 +18,11 @@ class Framework:
     module: str  # the module of tests/frameworks/ that holds its make_app()
     background_tasks: bool  # whether the framework has a background-task mechanism (POST /background)
 
+    @property
+    def prefix(self) -> str:
+        """Its path prefix in the server process that serves every framework (tests/frameworks/served.py)."""
+        return "/" + self.module.removesuffix("_app")
+
     def make_app(self, database: Database) -> ASGIApp:
         """The framework's app with DBSessionMiddleware in place (imported only now: Django configures itself)."""
         make: Callable[[Database], ASGIApp] = importlib.import_module(f"tests.frameworks.{self.module}").make_app
