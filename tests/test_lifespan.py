@@ -524,6 +524,25 @@ async def test_an_app_that_answers_startup_and_returns_is_disposed_at_shutdown(
     await wait_for_backends(postgresql_dsn, application_name(pg_database), 0)
 
 
+async def test_an_app_that_leaves_shutdown_unanswered_gets_it_answered(sqlite_url: str) -> None:
+    """An app that reads lifespan.shutdown and returns without a word: the server still hears shutdown.complete,
+    after the disposal."""
+
+    async def silent_at_shutdown(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+
+    database = Database(sqlite_url)
+    server = LifespanServer(DBSessionMiddleware(silent_at_shutdown, database=database))
+    assert await server.startup() == "lifespan.startup.complete"
+    assert engine_created(database)
+    pool = database.engine.pool
+    assert await server.shutdown() == "lifespan.shutdown.complete"
+    assert server.channel.types() == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert database.engine.pool is not pool  # disposed: a new, empty pool in place of the old one
+
+
 # --- servers without lifespan, and other scope types --------------------------------------------------------
 
 
