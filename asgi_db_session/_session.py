@@ -369,6 +369,19 @@ async def _commit_deferring_hooks(session: AsyncSession) -> None:
         hooks_deferred.reset(token)
 
 
+def cancel_other_task(session: AsyncSession) -> None:
+    """Cancel the task running an operation on ``session`` right now, unless it is the caller's own.
+
+    For a scope cancelled while a task it started still queries: Django's ASGI handler and Quart run the view in
+    a task of their own, which a cancellation of the ASGI call does not reach. Left alone, its statement would run
+    on, and close() would wait for it (CLOSE_WAIT_SECONDS) before throwing the connection away; cancelled, the
+    statement ends as in any cancelled request and close() follows at once.
+    """
+    busy = getattr(session, "_busy_task", None)
+    if busy is not None and busy is not _current_task():
+        busy.cancel()
+
+
 async def finish(session: AsyncSession, *, commit: bool) -> None:
     """Commit (when ``commit`` and a transaction is open), then close, shielded from cancellation.
 

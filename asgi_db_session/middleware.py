@@ -10,8 +10,8 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._context import ScopeState, scope_var
-from ._session import commit, finish
-from ._types import ASGIApp, Message, Receive, Scope, Send
+from ._session import cancel_other_task, commit, finish
+from ._types import AnyASGIApp, ASGIApp, Message, Receive, Scope, Send
 from .database import Database
 from .error_responses import INTERNAL_SERVER_ERROR, ErrorResponse, ErrorResponseMapper, default_error_response
 from .exceptions import (
@@ -39,6 +39,10 @@ _NORMAL_CLOSE_CODES = frozenset({1000, 1001, 1005})
 _SHUTDOWN_TYPES = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 
 _logger = logging.getLogger("asgi_db_session")
+_LIFESPAN_REFUSED = (
+    "The app %s refused the lifespan scope (%s: %s); DBSessionMiddleware answers lifespan for it: the database is "
+    "checked at startup (when asked) and disposed at shutdown."
+)
 
 
 def _log_answered(scope: Scope, error: BaseException, response: ErrorResponse) -> None:
@@ -97,6 +101,11 @@ class DBSessionMiddleware:
     server), and raised for every request under a server that runs no lifespan. The session is created on the first
     ``current_session()`` call of a request, so a request that never asks for one costs no connection.
 
+    ``app`` is any ASGI app: a Starlette or FastAPI app takes the middleware with ``add_middleware``; the app
+    object of another framework (Litestar, Quart, BlackSheep, Django's ASGI handler) is wrapped as a whole, which
+    is where the middleware sees the lifespan scope. An app that refuses that scope (Django's) gets it answered
+    for it: the database is still checked at startup and disposed at shutdown.
+
     ``commit_on_success=True`` commits before the response starts when its status is below 400, and turns a
     failed commit into an error response (the app's own response is never sent); a status of 400 or more,
     or an exception, rolls back. ``None`` takes the policy of ``database``, which defaults to not committing.
@@ -113,7 +122,7 @@ class DBSessionMiddleware:
 
     def __init__(
         self,
-        app: ASGIApp,
+        app: AnyASGIApp,
         *,
         database: Database | None = None,
         url: str | None = None,
@@ -141,7 +150,7 @@ class DBSessionMiddleware:
                     choices="database=, engine=, url=, settings=",
                 )
             )
-        self.app = app
+        self.app: ASGIApp = app
         self._settings_error: str | None = None
         if database is None:
             try:
@@ -240,6 +249,9 @@ class DBSessionMiddleware:
                 raise failure from failure.__cause__  # not the app's re-raise of it: the database error
         except BaseException:
             state.keep = False
+            session = state.session
+            if session is not None:
+                cancel_other_task(session)  # a view task the framework started, which our cancellation missed
             raise
         finally:
             self._var.reset(token)
@@ -332,7 +344,12 @@ class DBSessionMiddleware:
         raise ValueError(message)  # a new one each time: one exception shared by requests would grow its traceback
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Let the app's lifespan run unchanged; check the database at startup, dispose it at shutdown."""
+        """Let the app's lifespan run unchanged; check the database at startup, dispose it at shutdown.
+
+        An app that refuses the lifespan scope (raises before reading a message, as Django's ASGI handler does, or
+        returns without answering, as many bare ASGI apps do) gets the protocol answered for it here: a server
+        that saw the exception would run no lifespan at all, and the engine would never be disposed.
+        """
         database = self.database
         first = await receive()
         if first["type"] == "lifespan.startup":
@@ -346,13 +363,33 @@ class DBSessionMiddleware:
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})
                 return
         pending: list[Message] = [first]
+        received: set[str] = set()
+        answered: set[str] = set()
 
         async def receive_wrapper() -> Message:
-            return pending.pop() if pending else await receive()
+            message = pending.pop() if pending else await receive()
+            received.add(message["type"])
+            return message
 
         async def send_wrapper(message: Message) -> None:
+            answered.add(message["type"])
             if message["type"] in _SHUTDOWN_TYPES and self.dispose_on_shutdown:
                 await database.dispose()
             await send(message)
 
-        await self.app(scope, receive_wrapper, send_wrapper)
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except Exception as exc:
+            # After reading the startup message the app has a lifespan of its own, and this is its failure: the
+            # server's to hear (uvicorn --lifespan on stops on it).
+            if received or answered:
+                raise
+            app_name = getattr(self.app, "__qualname__", None) or type(self.app).__qualname__
+            _logger.info(_LIFESPAN_REFUSED, app_name, type(exc).__name__, exc)
+        if answered & {"lifespan.startup.failed", *_SHUTDOWN_TYPES}:
+            return
+        if "lifespan.startup.complete" not in answered:
+            await send({"type": "lifespan.startup.complete"})
+        if "lifespan.shutdown" not in received:
+            await receive()  # the server's lifespan.shutdown: the only message left in the protocol
+        await send_wrapper({"type": "lifespan.shutdown.complete"})

@@ -330,6 +330,40 @@ async def test_cancel_while_waiting_in_pg_sleep(backend: Backend, database: Data
     await assert_cleaned_up(backend, database, app)
 
 
+class ViewInATaskOfItsOwn:
+    """What Django's ASGI handler and Quart do: the view runs in a task of their own, which the handler awaits
+    with asyncio.wait(); a cancellation of the handler does not reach that task."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def view() -> None:
+            await self.app(scope, receive, send)
+
+        await asyncio.wait([asyncio.create_task(view())])
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_cancel_reaches_a_view_task_the_framework_started(backend: Backend, database: Database) -> None:
+    """Cancelled while the framework's own view task waits in pg_sleep: the middleware cancels that task (the
+    one using the request's session), so the statement ends now and the connection comes back at once, rather
+    than after close() has waited CLOSE_WAIT_SECONDS for it and thrown the connection away."""
+    reached = Reached()
+    inner = make_app(database, reached)
+    app = DBSessionMiddleware(ViewInATaskOfItsOwn(inner.router), database=database)
+    task, channel = start_request(app, "/sleep")
+    await reached.wait(task)
+    await wait_until_backend(backend, database, "active", "pg_sleep")
+
+    started = time.monotonic()
+    await cancel_and_wait(task)
+    assert time.monotonic() - started < 2, "the cancelled request waited for the view task's pg_sleep(5)"
+    assert channel.sent == []
+    await wait_until_none_active(backend, database, seconds=1)
+    await assert_cleaned_up(backend, database, app)
+
+
 async def test_cancel_while_transaction_is_open_and_idle(backend: Backend, database: Database) -> None:
     log = PoolLog(database)
     reached = Reached()

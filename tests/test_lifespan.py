@@ -404,6 +404,145 @@ async def test_failed_app_shutdown_still_disposes_the_engine(postgresql_dsn: str
     await wait_for_backends(postgresql_dsn, application_name(pg_database), 0)
 
 
+# --- an app that refuses the lifespan scope ----------------------------------------------------------------
+
+
+async def refuses_by_raising(scope: Scope, receive: Receive, send: Send) -> None:
+    """What Django's ASGI handler does with a lifespan scope: raise before reading a message."""
+    if scope["type"] != "http":
+        raise ValueError(f"this app can only handle HTTP connections, not {scope['type']}")
+    await query_and_answer(send)
+
+
+async def refuses_by_returning(scope: Scope, receive: Receive, send: Send) -> None:
+    """A bare ASGI app that handles HTTP only: it returns from any other scope without a word."""
+    if scope["type"] != "http":
+        return
+    await query_and_answer(send)
+
+
+async def reads_startup_and_returns(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] != "http":
+        await receive()
+        return
+    await query_and_answer(send)
+
+
+async def query_and_answer(send: Send) -> None:
+    await current_session().execute(text("SELECT 1"))
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+REFUSING_APPS = {
+    "raises": refuses_by_raising,
+    "returns": refuses_by_returning,
+    "reads startup and returns": reads_startup_and_returns,
+}
+
+
+@pytest.mark.parametrize("refusal", list(REFUSING_APPS))
+async def test_an_app_that_refuses_lifespan_still_gets_the_check_and_the_disposal(
+    postgresql_dsn: str, refusal: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Django's ASGI handler raises for the lifespan scope; a bare ASGI app may return from it unanswered. The
+    middleware answers the protocol for such an app: the startup check runs and the server hears
+    lifespan.startup.complete (not an exception, which it would take for "no lifespan": no disposal at shutdown,
+    or, under uvicorn --lifespan on, no server at all), and the engine is disposed at shutdown."""
+    name = f"adbs-lifespan-{uuid.uuid4().hex[:12]}"
+    database = Database(settings=DatabaseSettings(url=PG_URL, application_name=name, check_on_startup=True))
+    app = DBSessionMiddleware(REFUSING_APPS[refusal], database=database)
+    server = LifespanServer(app)
+    try:
+        with caplog.at_level("INFO", logger="asgi_db_session"):
+            assert await server.startup() == "lifespan.startup.complete"
+        assert [state for _pid, state in await our_backends(postgresql_dsn, name)] == ["idle"]  # the check's
+        await fill_pool(app, 1)  # not a Starlette app: /hold is any path here
+        assert await server.shutdown() == "lifespan.shutdown.complete"
+        assert server.channel.types() == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+        assert server.task is not None
+        assert server.task.exception() is None
+        await wait_for_backends(postgresql_dsn, name, 0)
+    finally:
+        await database.dispose()
+    if refusal == "raises":
+        # Said once at startup, as servers say "lifespan unsupported": not an error, the app is made that way.
+        (record,) = [record for record in caplog.records if "refused the lifespan scope" in record.getMessage()]
+        assert (record.name, record.levelname) == ("asgi_db_session", "INFO")
+        assert "this app can only handle HTTP connections, not lifespan" in record.getMessage()
+
+
+async def test_an_app_that_refuses_lifespan_is_not_disposed_when_told_not_to(
+    postgresql_dsn: str, pg_database: Database
+) -> None:
+    name = application_name(pg_database)
+    app = DBSessionMiddleware(refuses_by_returning, database=pg_database, dispose_on_shutdown=False)
+    server = LifespanServer(app)
+    assert await server.startup() == "lifespan.startup.complete"
+    await fill_pool(app, 1)
+    backends = await wait_for_backends(postgresql_dsn, name, 1)
+    assert await server.shutdown() == "lifespan.shutdown.complete"
+    await assert_backends_stay(postgresql_dsn, name, backends, seconds=0.3)
+
+
+async def test_an_app_whose_own_startup_raises_still_fails_to_the_server(sqlite_url: str) -> None:
+    """An app that read the startup message and then raised has a lifespan of its own, which failed: that is the
+    server's to hear (uvicorn --lifespan on stops), not something the middleware papers over."""
+
+    async def broken_startup(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        raise RuntimeError("cache warm-up failed")
+
+    database = Database(sqlite_url)
+    server = LifespanServer(DBSessionMiddleware(broken_startup, database=database))
+    server.channel.queue.put_nowait({"type": "lifespan.startup"})
+    with pytest.raises(RuntimeError, match="cache warm-up failed"):
+        await server._call()
+    assert server.channel.sent == []
+    await database.dispose()
+
+
+async def test_an_app_that_answers_startup_and_returns_is_disposed_at_shutdown(
+    postgresql_dsn: str, pg_database: Database
+) -> None:
+    """An app whose lifespan ends right after its startup: the server still sends shutdown, and the middleware,
+    the only one left to answer it, disposes the engine."""
+
+    async def startup_only(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            await send({"type": "lifespan.startup.complete"})
+            return
+        await query_and_answer(send)
+
+    server = LifespanServer(DBSessionMiddleware(startup_only, database=pg_database))
+    assert await server.startup() == "lifespan.startup.complete"
+    await fill_pool(server.app, 1)
+    await wait_for_backends(postgresql_dsn, application_name(pg_database), 1)
+    assert await server.shutdown() == "lifespan.shutdown.complete"
+    assert server.channel.types() == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    await wait_for_backends(postgresql_dsn, application_name(pg_database), 0)
+
+
+async def test_an_app_that_leaves_shutdown_unanswered_gets_it_answered(sqlite_url: str) -> None:
+    """An app that reads lifespan.shutdown and returns without a word: the server still hears shutdown.complete,
+    after the disposal."""
+
+    async def silent_at_shutdown(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+
+    database = Database(sqlite_url)
+    server = LifespanServer(DBSessionMiddleware(silent_at_shutdown, database=database))
+    assert await server.startup() == "lifespan.startup.complete"
+    assert engine_created(database)
+    pool = database.engine.pool
+    assert await server.shutdown() == "lifespan.shutdown.complete"
+    assert server.channel.types() == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert database.engine.pool is not pool  # disposed: a new, empty pool in place of the old one
+
+
 # --- servers without lifespan, and other scope types --------------------------------------------------------
 
 
