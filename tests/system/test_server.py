@@ -393,12 +393,14 @@ async def pids_of_requests(server: Server, count: int, at_once: int) -> list[tup
 
 
 async def startup_backends(dsn: str, application_name: str, count: int, seconds: float = 10) -> list[Backend]:
-    """The server's backends once there are ``count`` of them, or after ``seconds`` (a worker may still be
-    starting when another already answers)."""
+    """The server's backends once there are ``count`` of them, all idle, or after ``seconds`` (a worker may
+    still be starting, or running its check, when another already answers)."""
     deadline = time.monotonic() + seconds
     while True:
         found = await backends(dsn, application_name)
-        if len(found) >= count or time.monotonic() > deadline:
+        if len(found) >= count and all(backend.state == "idle" for backend in found):
+            return found
+        if time.monotonic() > deadline:
             return found
         await asyncio.sleep(0.05)
 
