@@ -30,8 +30,11 @@ __all__ = [
 ]
 
 
-# Messages that end an HTTP response: the last chance to fail it visibly if a late commit fails.
-_FINAL_BODY_TYPES = frozenset({"http.response.body", "http.response.pathsend", "http.response.zerocopysend"})
+# Messages that end an HTTP response (or a WebSocket's denial response) when they have no more body to come:
+# the last chance to fail it visibly if a late commit fails.
+_FINAL_BODY_TYPES = frozenset(
+    {"http.response.body", "http.response.pathsend", "http.response.zerocopysend", "websocket.http.response.body"}
+)
 _START_TYPES = frozenset({"http.response.start", "websocket.http.response.start"})
 # Close codes that end a WebSocket normally; any other code rolls the connection's work back. 1005 is what a
 # server reports for a close frame that carried no code, as a client's plain close() sends.
@@ -74,7 +77,11 @@ def _with_server_timing(send: Send, stats: QueryStats, name: str) -> Send:
 class _RequestState(ScopeState):
     """A request's scope, plus what its messages said so far (class-level defaults until they change)."""
 
-    started = False  # the response (or the WebSocket) got going: work may be committed at the end
+    started = False  # the response (or the WebSocket) got going: an error can no longer be answered
+    # The response went out whole (its last body message), or the WebSocket was accepted: its work may be
+    # committed at the end. A streaming body that a framework stopped when its client left (Starlette does,
+    # and then returns normally) never gets there: what it did is rolled back, not committed half done.
+    complete = False
     keep = True  # nothing has said "roll back" yet
     failure: CommitFailedError | None = None
     # The response that replaced the app's after a failed commit, when the mapping had one for its error:
@@ -225,10 +232,13 @@ class DBSessionMiddleware:
                 or not state.commit_on_success
                 or (state.failure is None and not session.in_transaction())
             ):
-                if message["type"] == "http.response.start":
+                message_type = message["type"]
+                if message_type == "http.response.start":
                     if message["status"] >= 400:
                         state.keep = False
                     state.started = True
+                elif not message.get("more_body", False) and message_type in _FINAL_BODY_TYPES:
+                    state.complete = True
                 return send(message)
             return self._committing_send(state, send, message)
 
@@ -260,7 +270,7 @@ class DBSessionMiddleware:
                 state.ended = True  # end() without its bookkeeping of a session, the common case
             else:
                 state.end()
-                await finish(session, commit=state.keep and state.started and state.commit_on_success)
+                await finish(session, commit=state.keep and state.complete and state.commit_on_success)
             if counting:
                 self._stats_var.reset(stats_token)
                 if self.warn_over_queries is not None:
@@ -300,21 +310,17 @@ class DBSessionMiddleware:
         elif message_type in _FINAL_BODY_TYPES:
             # Work done while streaming is committed before the last chunk, so that a failure still reaches
             # the client as a broken response instead of a complete one.
-            if (
-                state.keep
-                and session is not None
-                and state.commit_on_success
-                and not message.get("more_body", False)
-                and session.in_transaction()
-            ):
-                try:
-                    await commit(session)
-                except Exception as exc:
-                    state.keep = False
-                    failure = state.failure = CommitFailedError(COMMIT_FAILED_LATE.format(name=self.database.name))
-                    raise failure from exc
+            if not message.get("more_body", False):
+                if state.keep and session is not None and state.commit_on_success and session.in_transaction():
+                    try:
+                        await commit(session)
+                    except Exception as exc:
+                        state.keep = False
+                        failure = state.failure = CommitFailedError(COMMIT_FAILED_LATE.format(name=self.database.name))
+                        raise failure from exc
+                state.complete = True
         elif message_type == "websocket.accept":
-            state.started = True
+            state.started = state.complete = True
         elif message_type == "websocket.close" and (
             not state.started or message.get("code", 1000) not in _NORMAL_CLOSE_CODES
         ):

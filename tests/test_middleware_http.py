@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.applications import Starlette
@@ -288,6 +289,60 @@ async def test_a_failed_commit_while_streaming_cuts_the_response_short(backend: 
         (b"second\n", True),
     ]
     assert await backend.names() == ["taken"]
+
+
+class HangUpAfterFirstChunk:
+    """The server side of a client that hangs up once the first body chunk has reached it: ``receive`` gives
+    the request, then ``http.disconnect`` as soon as a body chunk has been sent (what uvicorn, hypercorn and
+    granian do when the socket closes)."""
+
+    def __init__(self) -> None:
+        self.channel = Channel([{"type": "http.request", "body": b""}])
+
+    async def send(self, message: Message) -> None:
+        await self.channel.send(message)
+        if message["type"] == "http.response.body":
+            self.channel.queue.put_nowait({"type": "http.disconnect"})
+
+
+@pytest.mark.parametrize(
+    ("backend", "cut"),
+    [("postgresql", "between statements"), ("sqlite", "between statements"), ("postgresql", "mid-statement")],
+    indirect=["backend"],
+)
+async def test_a_streaming_body_cut_off_by_a_hang_up_commits_nothing(
+    backend: Backend, database: Database, cut: str
+) -> None:
+    """Starlette stops a streaming body when ``receive`` says the client has gone (ASGI spec below 2.4) and
+    returns normally: the body's work, cut off in the middle, must be rolled back rather than committed, and
+    quietly (a client that left is no error of the app's). Cut mid-statement (``pg_sleep``), the connection
+    is thrown away; a commit would have raised PendingRollbackError to the server."""
+    blocked = asyncio.Event()
+
+    async def endpoint(request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            current_session().add(Item(id=1, name="before-the-cut"))
+            await current_session().flush()
+            yield b"first\n"
+            blocked.set()
+            if cut == "mid-statement":
+                await current_session().execute(text("SELECT pg_sleep(30)"))
+            else:
+                await asyncio.sleep(30)
+            current_session().add(Item(id=2, name="after-the-cut"))
+            yield b"second\n"
+
+        return StreamingResponse(body())
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=True)
+    server = HangUpAfterFirstChunk()
+    await asyncio.wait_for(app(http_scope(), server.channel.receive, server.send), timeout=10)
+
+    assert blocked.is_set()
+    bodies = [message for message in server.channel.sent if message["type"] == "http.response.body"]
+    assert [(message["body"], message.get("more_body")) for message in bodies] == [(b"first\n", True)]
+    assert await backend.names() == []
 
 
 async def test_background_tasks_share_the_request_session_and_follow_the_policy(

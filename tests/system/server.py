@@ -77,8 +77,9 @@ def hypercorn_command(port: int, *, app: str = APP, workers: int | None = None) 
     return command if workers is None else [*command, "--workers", str(workers)]
 
 
-def granian_command(port: int, *, app: str = APP) -> list[str]:
-    return [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port), app]
+def granian_command(port: int, *, app: str = APP, workers: int | None = None) -> list[str]:
+    command = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port), app]
+    return command if workers is None else [*command, "--workers", str(workers)]
 
 
 def gunicorn_command(port: int, *, workers: int, preload: bool) -> list[str]:

@@ -14,7 +14,8 @@ process, before the workers are forked.
 
 Routes: /sleep (``pg_sleep``), /idle (an insert, then a long wait with the transaction open), /stream-sleep
 (``pg_sleep`` inside a streaming body, which Starlette itself cancels when the client goes away), /write
-(an insert the middleware commits), /read, /pid (this process and its PostgreSQL backend), /fail-with (a
+(an insert the middleware commits), /write-pair and /stream-pair (two inserts with a wait between them, in
+the endpoint or in a streaming body), /read, /pid (this process and its PostgreSQL backend), /fail-with (a
 statement that fails, with the request's body as its parameter: what escapes to the server's log), and /stats
 (pool and session counts, memory) that never touches the database.
 """
@@ -171,6 +172,38 @@ async def stream_sleep(request: Request) -> Response:
     return StreamingResponse(body(), media_type="text/plain")
 
 
+async def write_pair(request: Request) -> Response:
+    """Two rows named ``name`` in one transaction, with ``pg_sleep`` between them: a second connection sees
+    both or neither, never one."""
+    name = request.query_params["name"]
+    session = current_session()
+    await session.execute(text(f"INSERT INTO {TABLE} (name) VALUES (:name)"), {"name": name})
+    await session.execute(text("SELECT pg_sleep(:seconds)"), {"seconds": _seconds(request, 1)})
+    await session.execute(text(f"INSERT INTO {TABLE} (name) VALUES (:name)"), {"name": name})
+    return PlainTextResponse("written")
+
+
+async def stream_pair(request: Request) -> Response:
+    """As /write-pair, in a streaming body: a row, the first chunk, a wait (``pg_sleep``, or with
+    ``?wait=loop`` an asyncio sleep with the transaction idle), the second row, the last chunk."""
+    name = request.query_params["name"]
+    seconds = _seconds(request, 1)
+    in_loop = request.query_params.get("wait") == "loop"
+
+    async def body() -> AsyncIterator[bytes]:
+        session = current_session()
+        await session.execute(text(f"INSERT INTO {TABLE} (name) VALUES (:name)"), {"name": name})
+        yield b"first\n"
+        if in_loop:
+            await asyncio.sleep(seconds)
+        else:
+            await session.execute(text("SELECT pg_sleep(:seconds)"), {"seconds": seconds})
+        await session.execute(text(f"INSERT INTO {TABLE} (name) VALUES (:name)"), {"name": name})
+        yield b"second\n"
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
 async def write(request: Request) -> Response:
     result = await current_session().execute(text(f"INSERT INTO {TABLE} (name) VALUES ('written') RETURNING id"))
     return JSONResponse({"id": result.scalar_one()})
@@ -246,6 +279,8 @@ def create_app() -> Starlette:
             Route("/idle", idle),
             Route("/stream-sleep", stream_sleep),
             Route("/write", write, methods=["POST"]),
+            Route("/write-pair", write_pair),
+            Route("/stream-pair", stream_pair),
             Route("/read", read),
             Route("/pid", pid),
             Route("/fail-with", fail_with, methods=["POST"]),

@@ -1,14 +1,16 @@
 """The middleware under real servers: clients that hang up, several worker processes, a fork after import.
 
-Each test starts tests/system/server_app.py in a subprocess (uvicorn, or gunicorn with uvicorn workers) on a free
-port of 127.0.0.1, with a PostgreSQL application_name of its own, so that ``pg_stat_activity`` shows exactly
-that server's backends. The app reports its pool and session counts at /stats without touching the database.
+Each test starts tests/system/server_app.py in a subprocess (uvicorn, hypercorn, granian, or gunicorn with
+uvicorn workers) on a free port of 127.0.0.1, with a PostgreSQL application_name of its own, so that
+``pg_stat_activity`` shows exactly that server's backends. The app reports its pool and session counts at
+/stats without touching the database.
 
-What uvicorn does when a client hangs up (0.54): it marks the request disconnected, turns the response into
-a no-op and makes ``receive()`` return ``http.disconnect``; it does NOT cancel the request. Starlette's
-StreamingResponse listens for that message and cancels its body with an anyio cancel scope; anything else
-runs to its end unless the app cancels it (tests/system/server_app.py's CancelOnDisconnect does, the way Starlette
-does).
+What the servers do when a client hangs up (uvicorn 0.54, hypercorn 0.18, granian 2.8, HTTP/1.1): each marks
+the request disconnected, drops what the app sends afterwards and makes ``receive()`` return
+``http.disconnect``; none cancels the request. Starlette's StreamingResponse listens for that message and
+cancels its body with an anyio cancel scope; anything else runs to its end unless the app cancels it
+(tests/system/server_app.py's CancelOnDisconnect does, the way Starlette does). docs/how-to/servers.md says
+what that means for a transaction.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from importlib.util import find_spec
 from pathlib import Path
@@ -28,13 +30,16 @@ import pytest
 
 from ..conftest import PG_URL
 from .server import (
+    Backend,
     BackendSampler,
     Server,
     backends,
     drop_table,
     free_port,
     fresh_table,
+    granian_command,
     gunicorn_command,
+    hypercorn_command,
     log_problems,
     serve,
     uvicorn_command,
@@ -271,40 +276,83 @@ async def test_statements_stop_when_their_clients_hang_up(postgresql_dsn: str, t
         assert busy == []
 
 
-async def test_uvicorn_lets_a_request_run_on_after_its_client_hangs_up(
-    postgresql_dsn: str, table: str, tmp_path: Path
-) -> None:
-    """Without CancelOnDisconnect, uvicorn lets each request run to its end and drops its response.
+# --- what each server does when a client hangs up ---------------------------------------------------------
 
-    The sessions are closed when those requests end: the pool is full again, nothing is left idle in
-    transaction. The /idle requests answered 200 (to nobody), so commit_on_success committed their rows.
+HANG_UP_SERVERS: dict[str, Callable[[int], list[str]]] = {
+    "uvicorn": uvicorn_command,
+    "hypercorn": hypercorn_command,
+    "granian": granian_command,
+}
+PAIR_SECONDS = 1.5  # the /write-pair endpoint's pg_sleep between its two inserts
+CUT_SECONDS = 10  # the /stream-pair body's wait: far longer than the test, which must not wait for it
+
+
+@pytest.mark.parametrize("server_kind", list(HANG_UP_SERVERS))
+async def test_each_server_with_a_client_that_hangs_up_mid_request(
+    postgresql_dsn: str, table: str, tmp_path: Path, server_kind: str
+) -> None:
+    """One server process, its clients hanging up in the middle of a transaction (commit_on_success=True).
+
+    In a streaming body (a row written, the first chunk sent, then a wait in the event loop or in
+    ``pg_sleep``): every server tells the app at once (``receive()`` returns ``http.disconnect``), Starlette's
+    StreamingResponse stops the body and returns normally, and the middleware rolls the cut-off body back,
+    quietly; the statement it left running on the server is ended.
+
+    In the endpoint, before the response started (a row, ``pg_sleep``, a row; or a row, then a wait in the
+    event loop with the transaction open): uvicorn 0.54, hypercorn 0.18 and granian 2.8 all let the endpoint
+    run to its end and drop its response, so the response start commits what it wrote (the response went to
+    nobody); a second connection never sees one row of the pair without the other.
+
+    Either way, once the requests are over: no connection checked out, no session open, no backend idle in
+    transaction or still running a statement, one backend per pooled connection, nothing in the server's log.
     """
-    paths = ["/sleep?seconds=1.5", "/idle?seconds=1.5"]
     port = free_port()
     async with (
-        running(uvicorn_command(port), port, tmp_path, postgresql_dsn, table) as server,
+        running(HANG_UP_SERVERS[server_kind](port), port, tmp_path, postgresql_dsn, table) as server,
         httpx.AsyncClient(timeout=10, trust_env=False) as http,
     ):
-        hung_up = time.monotonic()
-        assert await hang_up_many(port, paths, count=10, at_once=10, after=0.2) == dict.fromkeys(paths, 0)
-        assert await backend_states(postgresql_dsn, server.application_name, 5, 5) == (5, 5)
-        assert (await server.stats(http))["sessions_open"] == 10
+        cut_in_loop, cut_in_statement = await asyncio.gather(
+            hang_up(port, f"/stream-pair?name=cut-in-loop&wait=loop&seconds={CUT_SECONDS}", 0, b"first\n"),
+            hang_up(port, f"/stream-pair?name=cut-in-statement&seconds={CUT_SECONDS}", 0, b"first\n"),
+        )
+        assert (b"first\n" in cut_in_loop, b"second" in cut_in_loop) == (True, False)
+        assert (b"first\n" in cut_in_statement, b"second" in cut_in_statement) == (True, False)
+        stats, busy = await settle(server, http, postgresql_dsn, SETTLE_SECONDS)
+        assert (busy, stats["checkedout"], stats["sessions_open"]) == ([], 0, 0)
+        assert await count_rows(postgresql_dsn, table, "cut-in-loop") == 0
+        assert await count_rows(postgresql_dsn, table, "cut-in-statement") == 0
 
-        stats, busy = await settle(server, http, postgresql_dsn, 1.5 + SETTLE_SECONDS)
-        assert busy == []
-        assert stats["checkedout"] == 0
-        assert stats["sessions_open"] == 0
-        assert time.monotonic() - hung_up >= 1.5  # they did run to their end
-        assert await count_rows(postgresql_dsn, table, "idle") == 5
+        sent = time.monotonic()
+        paths = [f"/write-pair?name=pair&seconds={PAIR_SECONDS}", f"/idle?seconds={PAIR_SECONDS}"]
+        assert await hang_up_many(port, paths, count=2, at_once=2, after=0.3) == dict.fromkeys(paths, 0)
+        # The clients have gone; the endpoints go on: one in pg_sleep, its first row visible to no one else,
+        # the other waiting in the event loop with its transaction open.
+        assert await backend_states(postgresql_dsn, server.application_name, 1, 1) == (1, 1)
+        assert await count_rows(postgresql_dsn, table, "pair") == 0
+        assert (await server.stats(http))["sessions_open"] == 2
+        stats, busy = await settle(server, http, postgresql_dsn, PAIR_SECONDS + SETTLE_SECONDS)
+        assert (busy, stats["checkedout"], stats["sessions_open"]) == ([], 0, 0)
+        assert time.monotonic() - sent >= PAIR_SECONDS  # they did run to their end
+        assert await count_rows(postgresql_dsn, table, "pair") == 2
+        assert await count_rows(postgresql_dsn, table, "idle") == 1
+
+        count, held = await backends_and_connections(server, http, postgresql_dsn)
+        assert count == held <= DEFAULT_POOL_SIZE
         await assert_next_request_is_quick(server, http)
 
     assert log_problems(server.log()) == []
+    assert server.backends_left == []
 
 
 # --- several worker processes -------------------------------------------------------------------------------
 
 
-SERVERS = ["uvicorn --workers 2", "gunicorn --preload -w 2 -k uvicorn_worker.UvicornWorker"]
+SERVERS = [
+    "uvicorn --workers 2",
+    "hypercorn --workers 2",
+    "granian --workers 2",
+    "gunicorn --preload -w 2 -k uvicorn_worker.UvicornWorker",
+]
 POOL_ENV = {"DATABASE_POOL_SIZE": "2", "DATABASE_MAX_OVERFLOW": "1"}
 MOST_BACKENDS = 2 * (2 + 1)  # two workers, each with its own pool
 
@@ -312,6 +360,10 @@ MOST_BACKENDS = 2 * (2 + 1)  # two workers, each with its own pool
 def workers_command(server: str, port: int) -> list[str]:
     if server.startswith("uvicorn"):
         return uvicorn_command(port, workers=2)
+    if server.startswith("hypercorn"):
+        return hypercorn_command(port, workers=2)
+    if server.startswith("granian"):
+        return granian_command(port, workers=2)
     missing = [module for module in ("gunicorn", "uvicorn_worker") if find_spec(module) is None]
     if missing:
         reason = f"{' and '.join(missing)} not installed (pip install -e '.[test]' installs them)"
@@ -340,18 +392,37 @@ async def pids_of_requests(server: Server, count: int, at_once: int) -> list[tup
         return list(await asyncio.gather(*(one() for _ in range(count))))
 
 
+async def startup_backends(dsn: str, application_name: str, count: int, seconds: float = 10) -> list[Backend]:
+    """The server's backends once there are ``count`` of them, all idle, or after ``seconds`` (a worker may
+    still be starting, or running its check, when another already answers)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        found = await backends(dsn, application_name)
+        if len(found) >= count and all(backend.state == "idle" for backend in found):
+            return found
+        if time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.05)
+
+
 @pytest.mark.parametrize("server_kind", SERVERS)
 async def test_workers_each_use_connections_of_their_own(
     postgresql_dsn: str, table: str, tmp_path: Path, server_kind: str
 ) -> None:
-    """Two worker processes serve requests, each from its own pool: no backend is shared between them, the
-    server never holds more backends than two pools allow, and each worker disposes its pool at shutdown.
+    """Two worker processes serve requests, each from its own pool: each worker runs the startup check (whose
+    connection it keeps in its pool: one idle backend per worker before any request), no backend is shared
+    between them, the server never holds more backends than two pools allow, and each worker disposes its pool
+    at shutdown (SQLAlchemy's "Pool disposed", once per worker).
 
-    Under gunicorn --preload the app (and its Database) is created in the parent, before the fork.
+    uvicorn, hypercorn and granian start their workers as new interpreters, which import the app; under
+    gunicorn --preload the app (and its Database) is created in the parent, before the fork.
     """
     port = free_port()
     command = workers_command(server_kind, port)
-    async with running(command, port, tmp_path, postgresql_dsn, table, POOL_ENV) as server:
+    env = {**POOL_ENV, "DATABASE_CHECK_ON_STARTUP": "true", "DATABASE_ECHO_POOL": "true"}
+    async with running(command, port, tmp_path, postgresql_dsn, table, env) as server:
+        checked = await startup_backends(postgresql_dsn, server.application_name, 2)
+        assert sorted(backend.state for backend in checked) == ["idle", "idle"]
         sampler = BackendSampler(postgresql_dsn, server.application_name)
         async with sampler.sampling():
             results = await pids_of_requests(server, count=200, at_once=20)
@@ -371,14 +442,14 @@ async def test_workers_each_use_connections_of_their_own(
     if server_kind.startswith("gunicorn"):
         assert created_in == {server.process.pid}, "--preload imports the app in the parent"
     else:
-        assert created_in == set(workers), "uvicorn --workers spawns its workers, which import the app"
-    assert log.count("Application shutdown complete.") == 2
-    assert await backends(postgresql_dsn, server.application_name) == []
+        assert created_in == set(workers), f"{server_kind} starts its workers anew, each importing the app"
+    assert log.count("Pool disposed") == 2
+    assert server.backends_left == []
 
 
 async def test_engine_used_before_the_fork(postgresql_dsn: str, table: str, tmp_path: Path) -> None:
     port = free_port()
-    command = workers_command(SERVERS[1], port)
+    command = workers_command(SERVERS[-1], port)
     env = {**POOL_ENV, "SERVER_APP_QUERY_AT_IMPORT": "1"}
     async with running(command, port, tmp_path, postgresql_dsn, table, env) as server:
         results = await pids_of_requests(server, count=40, at_once=10)
