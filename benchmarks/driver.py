@@ -177,7 +177,7 @@ class Batch:
     @property
     def cpu_us(self) -> float | None:
         """CPU microseconds per request."""
-        return None if self.cpu_seconds is None else self.cpu_seconds / self.requests * 1e6
+        return None if self.cpu_seconds is None or not self.requests else self.cpu_seconds / self.requests * 1e6
 
 
 async def run_batch(
