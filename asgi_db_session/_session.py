@@ -31,7 +31,7 @@ from sqlalchemy import TextClause, event
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
-from ._shield import shielded
+from ._shield import shielded, shielded_starting_now
 from .exceptions import CLEANUP_FAILED, CONCURRENT_USE, ConcurrentSessionUseError
 
 logger = logging.getLogger("asgi_db_session")
@@ -397,7 +397,11 @@ async def finish(session: AsyncSession, *, commit: bool) -> None:
         else:
             await session.close()
         return
-    await shielded(_commit_then_close(session) if commit else _close(session))
+    if commit:
+        await shielded(_commit_then_close(session))
+    else:
+        # Started at once: after a response, the next request may be waiting for this connection.
+        await shielded_starting_now(_close(session))
     if commit and has_due_hooks(session):
         await run_due_hooks(session)
 

@@ -17,7 +17,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -133,6 +133,63 @@ def build_floor_contextvar(settings: EngineSettings) -> ASGIApp:
 def build_floor_send(settings: EngineSettings) -> ASGIApp:
     app = Starlette(routes=[Route("/nodb", nodb)])
     app.add_middleware(_ContextVarAndSend)
+    return app
+
+
+# ---- the floor of a session that lives until the ASGI call ends --------------------------------------------
+
+
+class _LateCloseHolder:
+    """One request's session, made on first use: what _LateClose keeps in its ContextVar."""
+
+    __slots__ = ("factory", "session")
+
+    def __init__(self, factory: async_sessionmaker[AsyncSession]) -> None:
+        self.factory = factory
+        self.session: AsyncSession | None = None
+
+    def get(self) -> AsyncSession:
+        session = self.session
+        if session is None:
+            session = self.session = self.factory()
+        return session
+
+
+_late_close_var: ContextVar[_LateCloseHolder] = ContextVar("bench_late_close")
+
+
+class _LateClose:
+    """Makes each request's session on first use and closes it once the app has returned, plainly (no shield
+    against cancellation, no guard against two tasks, no commit policy): the least that a middleware whose
+    session stays usable until the ASGI call ends (a streaming body, a background task) does. The hand-written
+    app closes its session before its response is even sent, which the middleware's contract cannot do."""
+
+    def __init__(self, app: ASGIApp, factory: async_sessionmaker[AsyncSession]) -> None:
+        self.app = app
+        self.factory = factory
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        holder = _LateCloseHolder(self.factory)
+        token = _late_close_var.set(holder)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _late_close_var.reset(token)
+            if holder.session is not None:
+                await holder.session.close()
+
+
+def build_floor_late_close(settings: EngineSettings) -> ASGIApp:
+    engine = settings.create_engine()
+
+    def get_session(request: Request) -> AsyncSession:
+        return _late_close_var.get().get()
+
+    app = Starlette(routes=_middleware_routes(get_session, commit=True), lifespan=_disposing(engine))
+    app.add_middleware(_LateClose, factory=session_factory(engine))
     return app
 
 
@@ -332,7 +389,8 @@ OURS = "asgi-db-session"
 FLOOR_PASSTHROUGH = "floor-passthrough"
 FLOOR_CONTEXTVAR = "floor-contextvar"
 FLOOR_SEND = "floor-send"
-FLOORS = (FLOOR_PASSTHROUGH, FLOOR_CONTEXTVAR, FLOOR_SEND)
+FLOOR_LATE_CLOSE = "floor-late-close"
+FLOORS = (FLOOR_PASSTHROUGH, FLOOR_CONTEXTVAR, FLOOR_SEND, FLOOR_LATE_CLOSE)
 
 APPS: dict[str, AppSpec] = {
     spec.key: spec
@@ -353,6 +411,11 @@ APPS: dict[str, AppSpec] = {
             "Starlette + a middleware that sets a ContextVar and forwards send through a function of its own",
             build_floor_send,
             serves_db=False,
+        ),
+        AppSpec(
+            FLOOR_LATE_CLOSE,
+            "Starlette + a middleware that closes the request's session once the app has returned, plainly",
+            build_floor_late_close,
         ),
         AppSpec("fastapi-depends", "FastAPI, `Depends(get_db)` yield dependency", build_fastapi_depends),
         AppSpec("fastapi-async-sqlalchemy", "Starlette + fastapi-async-sqlalchemy", build_fastapi_async_sqlalchemy),

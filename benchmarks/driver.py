@@ -3,11 +3,18 @@
 It plays the server's part the way uvicorn does for HTTP/1.1 (ASGI spec 2.3): ``receive()`` gives the empty
 request body once, then blocks until the response is complete and answers ``http.disconnect``, so a
 StreamingResponse's disconnect listener behaves as under a real server.
+
+``keep_alive=True`` also moves on as uvicorn does on a keep-alive connection: the worker (the connection)
+starts its next request as soon as the response is complete, while the finished request's ASGI call may
+still be running (a middleware cleaning up after the response, a background task). Without it the worker
+waits for the call to return, which hides what a request does after its response: the next request never
+competes with it, for the pool or for the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
@@ -80,14 +87,16 @@ class Lifespan:
 class Exchange:
     """One request's receive/send pair; records the status and the body."""
 
-    __slots__ = ("_asked", "_complete", "_done", "chunks", "status")
+    __slots__ = ("_asked", "_complete", "_done", "chunks", "responded", "status")
 
-    def __init__(self) -> None:
+    def __init__(self, responded: asyncio.Future[None] | None = None) -> None:
         self._asked = False
         self._done = False
         self._complete: asyncio.Event | None = None
         self.status = 0
         self.chunks: list[bytes] = []
+        # Set once the response is complete (keep-alive mode): the connection may send its next request.
+        self.responded = responded
 
     async def receive(self) -> Message:
         if not self._asked:
@@ -110,6 +119,8 @@ class Exchange:
                 self._done = True
                 if self._complete is not None:
                     self._complete.set()
+                if self.responded is not None and not self.responded.done():
+                    self.responded.set_result(None)
         elif message_type == "http.response.start":
             self.status = message["status"]
 
@@ -166,7 +177,7 @@ class Batch:
     @property
     def cpu_us(self) -> float | None:
         """CPU microseconds per request."""
-        return None if self.cpu_seconds is None else self.cpu_seconds / self.requests * 1e6
+        return None if self.cpu_seconds is None or not self.requests else self.cpu_seconds / self.requests * 1e6
 
 
 async def run_batch(
@@ -177,11 +188,14 @@ async def run_batch(
     state: dict[str, Any] | None = None,
     limit: float = 120.0,
     task_per_request: bool = True,
+    keep_alive: bool = False,
 ) -> Batch:
     """``requests`` requests to ``path`` from ``concurrency`` workers; every response is checked.
 
     A batch still running after ``limit`` seconds is cut short and counted as failed. Each request runs in
-    a new task, as under a server, unless ``task_per_request`` is false.
+    a new task, as under a server, unless ``task_per_request`` is false. ``keep_alive``: a worker sends its
+    next request once the response is complete, not once the ASGI call has returned (see the module's doc);
+    the batch ends when every call has returned.
     """
     expected = EXPECTED_BODY[path]
     lifespan_state = state or {}
@@ -189,13 +203,45 @@ async def run_batch(
     errors = 0
     first_error: str | None = None
 
-    create_task = asyncio.get_running_loop().create_task
+    loop = asyncio.get_running_loop()
+    create_task = loop.create_task
+    # Calls whose response is complete and that have not returned yet (keep-alive mode).
+    finishing: set[asyncio.Task[None]] = set()
 
     async def call(exchange: Exchange) -> None:
         await app(request_scope(path, lifespan_state), exchange.receive, exchange.send)
 
+    def note(problem: str | None) -> None:
+        nonlocal errors, first_error
+        if problem is not None:
+            errors += 1
+            if first_error is None:
+                first_error = problem
+
+    def returned(exchange: Exchange, task: asyncio.Task[None]) -> None:
+        finishing.discard(task)
+        if exchange.responded is not None and not exchange.responded.done():
+            exchange.responded.set_result(None)  # it returned without completing its response
+        if task.cancelled():
+            note("the request's task was cancelled")
+        elif (exc := task.exception()) is not None:
+            note(f"{type(exc).__name__}: {exc}")
+        else:
+            note(exchange.problem(expected))
+
+    async def keep_alive_worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            exchange = Exchange(loop.create_future())
+            task = create_task(call(exchange))
+            finishing.add(task)
+            task.add_done_callback(functools.partial(returned, exchange))
+            assert exchange.responded is not None
+            await exchange.responded
+
     async def worker() -> None:
-        nonlocal remaining, errors, first_error
+        nonlocal remaining
         while remaining > 0:
             remaining -= 1
             exchange = Exchange()
@@ -209,17 +255,16 @@ async def run_batch(
                 problem: str | None = f"{type(exc).__name__}: {exc}"
             else:
                 problem = exchange.problem(expected)
-            if problem is not None:
-                errors += 1
-                if first_error is None:
-                    first_error = problem
+            note(problem)
 
     workers = min(concurrency, requests)
     cpu_start = time.process_time()
     start = time.perf_counter()
     try:
         async with asyncio.timeout(limit):
-            await asyncio.gather(*(worker() for _ in range(workers)))
+            await asyncio.gather(*((keep_alive_worker if keep_alive else worker)() for _ in range(workers)))
+            while finishing:
+                await asyncio.wait(set(finishing))
     except TimeoutError:
         errors += max(remaining, 1)
         first_error = first_error or f"batch did not finish within {limit}s"

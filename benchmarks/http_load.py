@@ -212,6 +212,9 @@ class HttpTarget:
         if rps is None or total is None:
             return Batch(1, 1.0, 1, f"could not read wrk's output: {text[-300:]}")
         requests = int(total.group(1))
+        if not requests:
+            # Not the app's failure, but no figure either: every request took longer than the whole load.
+            return Batch(1, float(self.args.duration), 1, f"no response within the {self.args.duration}s of load")
         problems: list[str] = []
         failed = 0
         non_2xx = _NON_2XX.search(text)

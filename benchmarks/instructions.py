@@ -72,7 +72,7 @@ _TOTALS = re.compile(rb"^(?:totals|summary):\s*(\d+)", re.MULTILINE)
 # ---- the child: K requests, in-process, one at a time --------------------------------------------------------
 
 
-async def _serve(app_key: str, route: str, requests: int, concurrency: int) -> int:
+async def _serve(app_key: str, route: str, requests: int, concurrency: int, keep_alive: bool) -> int:
     app = APPS[app_key].build(EngineSettings(url=database_url(), pool_size=max(EngineSettings.pool_size, concurrency)))
     lifespan = Lifespan(app)
     await lifespan.startup()
@@ -80,7 +80,7 @@ async def _serve(app_key: str, route: str, requests: int, concurrency: int) -> i
     # collection of those ~200,000 objects falls between K1 and K2 moves the figure by thousands.
     gc.collect()
     gc.freeze()
-    batch = await run_batch(app, route, requests, concurrency, lifespan.state, limit=3600)
+    batch = await run_batch(app, route, requests, concurrency, lifespan.state, limit=3600, keep_alive=keep_alive)
     await lifespan.shutdown()
     if batch.errors:
         print(f"{app_key} {route}: {batch.errors} of {requests} failed; first: {batch.first_error}", file=sys.stderr)
@@ -88,14 +88,14 @@ async def _serve(app_key: str, route: str, requests: int, concurrency: int) -> i
     return 0
 
 
-def child(app_key: str, route: str, requests: int, loop: str, concurrency: int) -> int:
+def child(app_key: str, route: str, requests: int, loop: str, concurrency: int, keep_alive: bool) -> int:
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if loop == "uvloop":
         import uvloop
 
         loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_serve(app_key, route, requests, concurrency))
+        return runner.run(_serve(app_key, route, requests, concurrency, keep_alive))
 
 
 # ---- the parent -----------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class Job:
     """First id this child's /insert requests use: distinct per child, as children run side by side."""
 
 
-def callgrind_ir(job: Job, loop: str, concurrency: int, workdir: Path) -> int:
+def callgrind_ir(job: Job, loop: str, concurrency: int, keep_alive: bool, workdir: Path) -> int:
     """Instructions executed by a child serving ``job.requests`` requests."""
     out = workdir / f"callgrind.{job.app}.{job.route.strip('/')}.{job.requests}.{job.repeat}.out"
     command = [
@@ -128,6 +128,7 @@ def callgrind_ir(job: Job, loop: str, concurrency: int, workdir: Path) -> int:
         loop,
         "--concurrency",
         str(concurrency),
+        *(["--keep-alive"] if keep_alive else []),
     ]
     # A fixed hash seed makes dict and set layouts, and so the instruction counts, repeatable.
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -193,6 +194,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency", type=int, default=1, help="requests in flight in each child (the pool grows to match)"
     )
+    parser.add_argument(
+        "--keep-alive",
+        action="store_true",
+        help="each worker sends its next request once the response is complete, as a server's keep-alive "
+        "connection does, not once the ASGI call has returned (see driver.py)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the callgrind output files (printed path)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "instructions.json", help="results file")
     parser.add_argument("--child", nargs=3, metavar=("APP", "ROUTE", "REQUESTS"), help=argparse.SUPPRESS)
@@ -223,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         app_key, route, requests = args.child
-        return child(app_key, route, int(requests), args.loop, args.concurrency)
+        return child(app_key, route, int(requests), args.loop, args.concurrency, args.keep_alive)
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 2
@@ -244,7 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts: dict[Job, int] = {}
     failures: dict[tuple[str, str], str] = {}
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {job: pool.submit(callgrind_ir, job, args.loop, args.concurrency, workdir) for job in jobs}
+        futures = {
+            job: pool.submit(callgrind_ir, job, args.loop, args.concurrency, args.keep_alive, workdir) for job in jobs
+        }
         for job, future in futures.items():
             try:
                 counts[job] = future.result()
@@ -275,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.concurrency == 1
             else f"{args.concurrency} in-process requests at once"
         )
+        + (", keep-alive (next request once the response is complete)" if args.keep_alive else "")
         + f", loop {args.loop}"
         + (f", median of {args.repeat} runs" if args.repeat > 1 else "")
         + f"; {time.perf_counter() - started:.0f}s"
@@ -290,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "large": args.large,
         "loop": args.loop,
         "concurrency": args.concurrency,
+        "keep_alive": args.keep_alive,
         "git": git_state(),
         "repeat": args.repeat,
         "raw_ir": [

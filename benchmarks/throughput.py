@@ -294,12 +294,15 @@ def summarize(run: Run) -> dict[str, dict[str, dict[str, Any]]]:
         for key in run.apps:
             cell = run.cells[route][key]
             ok = cell.ok()
+            ratios = ratio_rounds(run, route, key, base)
             summary[route][key] = {
                 "median_rps": median(ok),
                 "min_rps": min(ok) if ok else None,
                 "max_rps": max(ok) if ok else None,
                 "baseline": base,
-                "ratio": median(ratio_rounds(run, route, key, base)),
+                "ratio": median(ratios),
+                "ratio_min": min(ratios) if ratios else None,
+                "ratio_max": max(ratios) if ratios else None,
                 "median_cpu_us": median(cell.cpu_ok()),
                 "cpu_ratio": median(ratio_rounds(run, route, key, base, "cpu")),
                 "status": cell_status(run, route, key),
@@ -311,13 +314,18 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "n/a" if value is None else format(value, pattern)
 
 
+def _spread(row: dict[str, Any]) -> str:
+    low, high = row.get("ratio_min"), row.get("ratio_max")
+    return "" if low is None or high is None else f"[{low:.3f}..{high:.3f}]"
+
+
 def render_tables(run: Run, summary: dict[str, dict[str, dict[str, Any]]], header: str) -> str:
     lines = [header, ""]
     width = max(len(key) for key in run.apps)
     for route in run.routes:
         base = baseline_for(route)
-        lines.append(f"{route}  (ratios: medians of per-round ratios against {base})")
-        columns = f"{'req/s':>9}  {'min':>9}  {'max':>9}  {'ratio':>6}  {'cpu µs':>7}  {'cpu ratio':>9}"
+        lines.append(f"{route}  (ratios: medians of per-round ratios against {base}, [slowest..fastest round])")
+        columns = f"{'req/s':>9}  {'min':>9}  {'max':>9}  {'ratio':>6}  {'spread':>13}  {'cpu µs':>7}  {'cpu ratio':>9}"
         lines.append(f"  {'app':<{width}}  {columns}  note")
         for key in run.apps:
             row = summary[route][key]
@@ -326,7 +334,7 @@ def render_tables(run: Run, summary: dict[str, dict[str, dict[str, Any]]], heade
                 continue
             lines.append(
                 f"  {key:<{width}}  {_fmt(row['median_rps'], ',.0f'):>9}  {_fmt(row['min_rps'], ',.0f'):>9}  "
-                f"{_fmt(row['max_rps'], ',.0f'):>9}  {_fmt(row['ratio'], '.3f'):>6}  "
+                f"{_fmt(row['max_rps'], ',.0f'):>9}  {_fmt(row['ratio'], '.3f'):>6}  {_spread(row):>13}  "
                 f"{_fmt(row['median_cpu_us'], ',.1f'):>7}  {_fmt(row['cpu_ratio'], '.3f'):>9}  {status or ''}"
             )
         lines.append("")
@@ -338,7 +346,8 @@ def check_targets(run: Run, summary: dict[str, dict[str, dict[str, Any]]]) -> tu
     checks: list[dict[str, Any]] = []
 
     def add(route: str, mine: str, theirs: str, required: float) -> None:
-        value = median(ratio_rounds(run, route, mine, theirs))
+        ratios = ratio_rounds(run, route, mine, theirs)
+        value = median(ratios)
         cpu = median(ratio_rounds(run, route, mine, theirs, "cpu"))
         checks.append(
             {
@@ -347,6 +356,10 @@ def check_targets(run: Run, summary: dict[str, dict[str, dict[str, Any]]]) -> tu
                 "against": theirs,
                 "required": required,
                 "throughput_ratio": value,
+                # The slowest and fastest round's ratio: how far one round can be trusted on this machine.
+                "throughput_ratio_min": min(ratios) if ratios else None,
+                "throughput_ratio_max": max(ratios) if ratios else None,
+                "rounds_compared": len(ratios),
                 "cpu_ratio": cpu,
                 "holds": value is not None and value >= required,
                 "holds_on_cpu": cpu is not None and cpu >= required,
@@ -369,7 +382,7 @@ def check_targets(run: Run, summary: dict[str, dict[str, dict[str, Any]]]) -> tu
     width = max((len(f"{c['route']}: {c['app']} / {c['against']}") for c in checks), default=0)
     lines = [
         "Targets (throughput ratio, and the same on CPU per request; peers: must be > 1)",
-        f"  {'':<{width}}  {'need':>5}  {'ratio':>6}  {'':6}  {'cpu':>6}",
+        f"  {'':<{width}}  {'need':>5}  {'ratio':>6}  {'[slowest..fastest round]':>24}  {'':6}  {'cpu':>6}",
     ]
 
     def verdict(holds: bool) -> str:
@@ -379,6 +392,7 @@ def check_targets(run: Run, summary: dict[str, dict[str, dict[str, Any]]]) -> tu
         what = f"{c['route']}: {c['app']} / {c['against']}"
         lines.append(
             f"  {what:<{width}}  {c['required']:>5.2f}  {_fmt(c['throughput_ratio'], '.3f'):>6}  "
+            f"{_spread({'ratio_min': c['throughput_ratio_min'], 'ratio_max': c['throughput_ratio_max']}):>24}  "
             f"{verdict(c['holds']):6}  {_fmt(c['cpu_ratio'], '.3f'):>6}  {verdict(c['holds_on_cpu'])}"
         )
     return "\n".join(lines), checks
@@ -424,9 +438,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Throughput of asgi_db_session against a bare app, a hand-written app and its peers.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--rounds", type=int, default=None, help="rounds; every app is measured once per round (default: 5, HTTP: 3)"
-    )
+    parser.add_argument("--rounds", type=int, default=5, help="rounds; every app is measured once per round")
     parser.add_argument(
         "--requests-nodb", type=int, default=10000, help="timed requests per round on /nodb and /session (no query)"
     )
@@ -458,8 +470,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if bad_routes:
         parser.error(f"unknown route(s) {', '.join(bad_routes)}; known: {', '.join(ROUTES)}")
     args.routes = [route for route in ROUTES if route in args.routes]
-    if args.rounds is None:
-        args.rounds = 3 if args.http else 5
     if args.pool_size is None:
         args.pool_size = args.concurrency
     if min(args.rounds, args.requests_nodb, args.requests_db, args.concurrency) < 1:
