@@ -20,6 +20,7 @@ from .exceptions import (
 )
 from .middleware import DBSessionMiddleware
 from .query_insight import QueryStats, query_stats
+from .retry import run_in_transaction
 from .route_policy import session_policy
 from .scope import session_scope
 from .settings import DatabaseSettings
@@ -46,6 +47,7 @@ __all__ = [
     "get_database",
     "on_commit",
     "query_stats",
+    "run_in_transaction",
     "session_policy",
     "session_scope",
 ]
