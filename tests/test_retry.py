@@ -7,7 +7,10 @@ coordinated with asyncio events so that each has done its first half before eith
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sys
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
@@ -21,11 +24,19 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from asgi_db_session import Database, DBSessionMiddleware, current_session, on_commit, run_in_transaction
+from asgi_db_session import (
+    Database,
+    DBSessionMiddleware,
+    current_session,
+    get_database,
+    on_commit,
+    run_in_transaction,
+)
 from asgi_db_session.error_responses import _sqlstate
 from asgi_db_session.exceptions import RETRY_ATTEMPTS, RETRY_BACKOFF
 
 from .conftest import PG_URL, client
+from .docs_code import DOCS, blocks_run_by
 
 pytestmark = pytest.mark.anyio
 
@@ -37,6 +48,7 @@ FAST_DEADLOCK_CHECK = "SET LOCAL deadlock_timeout = '50ms'"
 # Each coordinated wait gives up after this long (generous: a loaded machine), so that a test that cannot
 # reach its conflict fails instead of hanging.
 WAIT = 20.0
+RETRIES_PAGE = DOCS / "how-to" / "retries.md"
 
 
 @pytest.fixture
@@ -303,3 +315,27 @@ async def test_outside_a_request_the_work_commits_and_returns(pg: Database) -> N
 
     assert await run_in_transaction(write, "retry") == 2
     assert await fetch(f"SELECT value FROM {ROWS} WHERE id = 2") == [("saved",)]
+
+
+async def test_the_docs_example_runs(
+    pg: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/how-to/retries.md's example (type-checked by tests/test_docs_code.py): two requests at once both end
+    200, and one doctor goes off call, told to the rota once."""
+    (example,) = blocks_run_by(RETRIES_PAGE, "tests/test_retry.py::test_the_docs_example_runs")
+    code = example.code.replace('__tablename__ = "doctors"', f'__tablename__ = "{DOCTORS}"')
+    assert code != example.code, "the example's table is no longer the one this test fills"
+    monkeypatch.setenv("DATABASE_URL", PG_URL)
+    module = types.ModuleType("retries_example")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, str(RETRIES_PAGE), "exec"), module.__dict__)
+    caplog.set_level(logging.INFO, logger="rota")
+    try:
+        async with client(module.app) as http:
+            responses = await asyncio.gather(http.post("/doctors/1/off-call"), http.post("/doctors/2/off-call"))
+    finally:
+        await get_database().dispose()
+    assert [response.status_code for response in responses] == [200, 200]
+    assert sorted(response.json()["off_call"] for response in responses) == [False, True]
+    assert await fetch(f"SELECT count(*) FROM {DOCTORS} WHERE on_call") == [(1,)]
+    assert len([record for record in caplog.records if record.getMessage().endswith("is off call")]) == 1
