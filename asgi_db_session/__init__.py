@@ -20,6 +20,7 @@ from .exceptions import (
 )
 from .middleware import DBSessionMiddleware
 from .query_insight import QueryStats, query_stats
+from .replay import ReplayConflicts
 from .retry import run_in_transaction
 from .route_policy import session_policy
 from .scope import session_scope
@@ -39,6 +40,7 @@ __all__ = [
     "GuardedSession",
     "NoSessionError",
     "QueryStats",
+    "ReplayConflicts",
     "UnknownDatabaseError",
     "UsageError",
     "__version__",

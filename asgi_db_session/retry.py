@@ -45,6 +45,19 @@ def _lost_race(error: BaseException) -> str | None:
     return state if state in (_SERIALIZATION_FAILURE, _DEADLOCK_DETECTED) else None
 
 
+def _check_bounds(call: str, attempts: int, backoff: float, max_backoff: float) -> None:
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise ValueError(RETRY_ATTEMPTS.format(call=call, attempts=attempts))
+    if not 0 <= backoff <= max_backoff:
+        raise ValueError(RETRY_BACKOFF.format(call=call, backoff=backoff, max_backoff=max_backoff))
+
+
+async def _pause(failed: int, backoff: float, max_backoff: float) -> None:
+    """The wait after attempt ``failed`` (1 for the first): random, so that the transactions that clashed do not
+    meet again in step, under a bound that doubles with each attempt up to ``max_backoff``."""
+    await asyncio.sleep(random.uniform(0, min(max_backoff, backoff * 2 ** (failed - 1))))
+
+
 async def run_in_transaction(
     work: Callable[[AsyncSession], Awaitable[_T]],
     name: str = "default",
@@ -75,10 +88,7 @@ async def run_in_transaction(
     Inside a request the work has its own session and transaction, apart from the request's session: it does
     not see what the request wrote and has not committed, and its commit stands even if the request then fails.
     """
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-        raise ValueError(RETRY_ATTEMPTS.format(attempts=attempts))
-    if not 0 <= backoff <= max_backoff:
-        raise ValueError(RETRY_BACKOFF.format(backoff=backoff, max_backoff=max_backoff))
+    _check_bounds("run_in_transaction", attempts, backoff, max_backoff)
     attempt = 1
     while True:
         try:
@@ -93,5 +103,5 @@ async def run_in_transaction(
             _logger.info(
                 "Running a unit of work again after SQLSTATE %s (attempt %d of %d failed)", state, attempt, attempts
             )
-        await asyncio.sleep(random.uniform(0, min(max_backoff, backoff * 2 ** (attempt - 1))))
+        await _pause(attempt, backoff, max_backoff)
         attempt += 1

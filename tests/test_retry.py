@@ -12,6 +12,7 @@ import os
 import sys
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import asyncpg
 import httpx
@@ -53,7 +54,13 @@ RETRIES_PAGE = DOCS / "how-to" / "retries.md"
 
 @pytest.fixture
 async def pg(postgresql_dsn: str) -> AsyncIterator[Database]:
-    """A Database on PostgreSQL, with two on-call doctors and two rows of text, as a second connection sees."""
+    async with tables(postgresql_dsn) as db:
+        yield db
+
+
+@asynccontextmanager
+async def tables(postgresql_dsn: str) -> AsyncIterator[Database]:
+    """A Database on PostgreSQL, with two on-call doctors and two rows of text; dropped at the end."""
     connection = await asyncpg.connect(postgresql_dsn)
     try:
         await connection.execute("SET lock_timeout = '5s'")
@@ -302,10 +309,10 @@ async def test_wrong_bounds_are_refused_with_the_fix(pg: Database) -> None:
 
     with pytest.raises(ValueError, match="attempts") as caught:
         await run_in_transaction(nothing, "retry", attempts=0)
-    assert str(caught.value) == RETRY_ATTEMPTS.format(attempts=0)
+    assert str(caught.value) == RETRY_ATTEMPTS.format(call="run_in_transaction", attempts=0)
     with pytest.raises(ValueError, match="backoff") as caught:
         await run_in_transaction(nothing, "retry", backoff=1.0, max_backoff=0.5)
-    assert str(caught.value) == RETRY_BACKOFF.format(backoff=1.0, max_backoff=0.5)
+    assert str(caught.value) == RETRY_BACKOFF.format(call="run_in_transaction", backoff=1.0, max_backoff=0.5)
 
 
 async def test_outside_a_request_the_work_commits_and_returns(pg: Database) -> None:
