@@ -20,6 +20,8 @@ from .exceptions import (
 )
 from .middleware import DBSessionMiddleware
 from .query_insight import QueryStats, query_stats
+from .replay import ReplayConflicts
+from .retry import run_in_transaction
 from .route_policy import session_policy
 from .scope import session_scope
 from .settings import DatabaseSettings
@@ -38,6 +40,7 @@ __all__ = [
     "GuardedSession",
     "NoSessionError",
     "QueryStats",
+    "ReplayConflicts",
     "UnknownDatabaseError",
     "UsageError",
     "__version__",
@@ -46,6 +49,7 @@ __all__ = [
     "get_database",
     "on_commit",
     "query_stats",
+    "run_in_transaction",
     "session_policy",
     "session_scope",
 ]

@@ -61,8 +61,11 @@ __all__ = [
     "OWN_EVENT_LOOP",
     "POLICY_CANNOT_MARK",
     "POLICY_WITHOUT_SESSION",
+    "REPLAY_BODY_SIZE",
     "REPLICAS_AS_STRING",
     "REPLICAS_WITHOUT_SETTINGS",
+    "RETRY_ATTEMPTS",
+    "RETRY_BACKOFF",
     "SCOPE_ENDED",
     "SCOPE_SESSION_CLASS",
     "SETTING_DISAGREES_WITH_URL",
@@ -256,6 +259,18 @@ ALEMBIC_ELSEWHERE = (
 )
 AT_ANOTHER_REVISION = "after `alembic upgrade {revision}` the database at {url} is at {found!r}, not {expected!r}"
 OWN_EVENT_LOOP = "it started an event loop of its own: {error}"
+REPLAY_BODY_SIZE = (
+    "ReplayConflicts(max_body_size={size!r}): the largest request body kept for a replay, in bytes, must be a "
+    "whole number of at least 0 (0 replays only requests without a body)."
+)
+RETRY_ATTEMPTS = (
+    "{call}(attempts={attempts!r}): attempts counts every run of the work, the first included, so it "
+    "must be a whole number of at least 1 (1 runs the work once and never retries)."
+)
+RETRY_BACKOFF = (
+    "{call}(backoff={backoff!r}, max_backoff={max_backoff!r}): the waits between attempts need "
+    "0 <= backoff <= max_backoff (seconds): backoff is the first wait's bound, max_backoff every wait's."
+)
 
 
 class AsgiDbSessionError(Exception):

@@ -23,6 +23,7 @@ from .exceptions import (
     CommitFailedError,
 )
 from .query_insight import QueryStats, _stats_var, _warn_if_over
+from .replay import _note_answered
 from .settings import DatabaseSettings
 
 __all__ = [
@@ -298,6 +299,7 @@ class DBSessionMiddleware:
                     state.keep = False
                     response = state.failure_response = self.error_response(exc)
                     response = response or INTERNAL_SERVER_ERROR
+                    _note_answered(exc)
                     failure = state.failure = CommitFailedError(
                         COMMIT_FAILED.format(
                             name=self.database.name, status=response.status, app_status=message["status"]
@@ -334,6 +336,7 @@ class DBSessionMiddleware:
         response = self.error_response(error)
         if response is None:
             return False
+        _note_answered(error)
         _log_answered(scope, error, response)
         for message in response.messages():
             await send(message)

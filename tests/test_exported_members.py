@@ -72,6 +72,8 @@ def test_the_public_modules_are_the_ones_documented() -> None:
         "health",
         "middleware",
         "query_insight",
+        "replay",
+        "retry",
         "route_policy",
         "scope",
         "settings",
