@@ -110,10 +110,10 @@ class DatabaseSettings(BaseSettings):
     isolation_level: str | None = None
     """The transactions' isolation level, such as ``SERIALIZABLE`` or ``REPEATABLE READ`` (default: the driver's)."""
     connect_timeout: float | None = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0)
-    """Seconds to wait for a new connection, its TLS and its login (asyncpg's ``timeout``; aiosqlite's ``timeout``,
-    where it is how long a statement waits for another connection's lock). The default, 5, fails a request fast
-    when the server cannot be reached (asyncpg alone would wait 60 s) and leaves ample time for a slow login;
-    ``None``: the driver's default. See docs/how-to/timeouts.md."""
+    """Seconds to wait for a new connection, its TLS and its login (asyncpg's ``timeout``). The default, 5, fails a
+    request fast when the server cannot be reached (asyncpg alone would wait 60 s) and leaves ample time for a slow
+    login; ``None``: the driver's default. On SQLite it is passed only when set (aiosqlite's ``timeout``: how long
+    a statement waits for another connection's lock). See docs/how-to/timeouts.md."""
     command_timeout: float | None = Field(default=DEFAULT_COMMAND_TIMEOUT, gt=0)
     """Seconds the client waits for the answer to each statement, the pool's pre-ping, ``COMMIT`` and
     ``ROLLBACK`` among them (asyncpg's ``command_timeout``; asyncpg only). The one bound that holds when the
