@@ -167,7 +167,7 @@ async def leave(state: ScopeState, token: Token[ScopeState | None], *, clean: bo
     rolls back otherwise, and is closed, shielded from cancellation. A failed commit is raised."""
     session = exit_scope(state, token)
     if session is not None:
-        await finish(session, commit=clean and state.commit_on_success)
+        await finish(session, commit=clean and state.commit_on_success, cleanup_timeout=state.database.cleanup_timeout)
 
 
 @asynccontextmanager

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
 from ._shield import shielded, shielded_starting_now
-from .exceptions import CLEANUP_FAILED, CONCURRENT_USE, ConcurrentSessionUseError
+from .exceptions import CLEANUP_FAILED, CLEANUP_TIMED_OUT, CONCURRENT_USE, ConcurrentSessionUseError
 
 logger = logging.getLogger("asgi_db_session")
 
@@ -324,18 +324,51 @@ for _name in _GUARDED_METHODS:
         setattr(GuardedSession, _name, _guard(getattr(AsyncSession, _name)))
 
 
-async def _close(session: AsyncSession) -> None:
-    """close(): roll back whatever is still open and give the connection back; if that fails, log and discard.
+async def _close(session: AsyncSession, seconds: float) -> None:
+    """close(): roll back whatever is still open and give the connection back; if that fails, or gets no answer
+    within ``seconds``, log and discard.
 
     Never raises: the scope's own outcome (the app's exception, or the response already sent) is what the
     caller must hear of, and nothing of the transaction was committed either way.
     """
     transaction = session.sync_session.get_transaction()
+    timer = None
     try:
+        if getattr(session, "_busy_task", None) is not None:
+            # Another task's operation (bounded by the driver's own timeout) may finish first: not the cleanup's
+            # time, whose bound is for the rollback and the close.
+            await cast(GuardedSession, session)._wait_idle()
+        timer = asyncio.get_running_loop().call_later(seconds, _cut_off, transaction, seconds)
         await session.close()
     except Exception:
         logger.warning(CLEANUP_FAILED, exc_info=True)
         _discard(transaction)
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _cut_off(transaction: SessionTransaction | None, seconds: float) -> None:
+    """The cleanup got no answer in time: close its connections' sockets now, so that it fails at once.
+
+    Rather than cancelling the cleanup: SQLAlchemy would then throw the connection away itself, giving asyncpg up
+    to 2 s to close it gracefully, which a silent network makes it wait out. A connection closed under it is one
+    SQLAlchemy knows is gone: the rollback fails, the connection is invalidated and checked in, the server ends
+    the backend (and its transaction) once it sees the socket closed. Drivers without a way to close at once
+    (aiosqlite: no network) are left to finish.
+    """
+    cut = False
+    for connection, _, _, autoclose in set(getattr(transaction, "_connections", {}).values()):
+        if not autoclose or connection.closed or connection.invalidated or not connection.dialect.has_terminate:
+            continue
+        try:
+            connection.dialect.do_terminate(connection.connection.dbapi_connection)
+        except Exception:  # a timer callback: an error here would only reach the loop's handler
+            logger.debug("could not close the connection of a cleanup cut off", exc_info=True)
+        else:
+            cut = True
+    if cut:
+        logger.warning(CLEANUP_TIMED_OUT.format(seconds=seconds))
 
 
 def _discard(transaction: SessionTransaction | None) -> None:
@@ -351,14 +384,14 @@ def _discard(transaction: SessionTransaction | None) -> None:
             connection.invalidate()
 
 
-async def _commit_then_close(session: AsyncSession) -> None:
+async def _commit_then_close(session: AsyncSession, cleanup_timeout: float) -> None:
     token = hooks_deferred.set(True)  # the callbacks run after the shield, in finish()
     try:
         if session.in_transaction():
             await session.commit()
     finally:
         hooks_deferred.reset(token)
-        await _close(session)
+        await _close(session, cleanup_timeout)
 
 
 async def _commit_deferring_hooks(session: AsyncSession) -> None:
@@ -382,10 +415,11 @@ def cancel_other_task(session: AsyncSession) -> None:
         busy.cancel()
 
 
-async def finish(session: AsyncSession, *, commit: bool) -> None:
+async def finish(session: AsyncSession, *, commit: bool, cleanup_timeout: float) -> None:
     """Commit (when ``commit`` and a transaction is open), then close, shielded from cancellation.
 
-    A failed commit is raised; a failed close (its rollback) is logged and its connection discarded.
+    A failed commit is raised; a failed close (its rollback), or one not done within ``cleanup_timeout``
+    seconds, is logged and its connection discarded.
     """
     if not session.in_transaction() and getattr(session, "_busy_task", None) is None:
         # Nothing begun, so no connection: close() only forgets the session's objects. It does no IO and so
@@ -398,10 +432,10 @@ async def finish(session: AsyncSession, *, commit: bool) -> None:
             await session.close()
         return
     if commit:
-        await shielded(_commit_then_close(session))
+        await shielded(_commit_then_close(session, cleanup_timeout))
     else:
         # Started at once: after a response, the next request may be waiting for this connection.
-        await shielded_starting_now(_close(session))
+        await shielded_starting_now(_close(session, cleanup_timeout))
     if commit and has_due_hooks(session):
         await run_due_hooks(session)
 

@@ -80,6 +80,7 @@ def _wait_for(task: asyncio.Task[T]) -> Generator[Any, Any, T]:
     kept, and it waits again. ``task``'s own error, if it fails, wins over a kept cancellation.
     """
     cancelled: BaseException | None = None
+    failed: Exception | None = None
     shield: anyio.CancelScope | None = None
     try:
         while not task.done():
@@ -91,8 +92,12 @@ def _wait_for(task: asyncio.Task[T]) -> Generator[Any, Any, T]:
                     cancelled = exc
                     if shield is None:
                         shield = _enter_shield()
-            except Exception:
-                pass  # ``task`` failed, and its error was handed in here: the caller gets it from its result
+            except Exception as exc:
+                # ``task`` failed, and its error was handed in here with the frames it was raised through, which
+                # task.result() would leave out (the caller, and the error mapping, see where it came from).
+                failed = exc
+        if failed is not None:
+            raise failed
         result = task.result()
     except GeneratorExit:  # the waiting task itself is being thrown away (its loop closed): leave the shield
         shield = None

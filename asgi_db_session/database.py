@@ -35,7 +35,7 @@ from .exceptions import (
     UsageError,
 )
 from .query_insight import _count_queries_on
-from .settings import DatabaseSettings, _settings_from_environment
+from .settings import DEFAULT_CLEANUP_TIMEOUT, DatabaseSettings, _settings_from_environment
 
 __all__ = [
     "Database",
@@ -216,6 +216,8 @@ class Database:
             # Fails here, at construction, rather than at the first request.
             settings.engine_options()
         self.settings = settings
+        # The bound of each scope's rollback and close; an engine given as it is gets the default bound.
+        self.cleanup_timeout = DEFAULT_CLEANUP_TIMEOUT if settings is None else settings.cleanup_timeout
         if check_on_startup is None:
             check_on_startup = settings is not None and settings.check_on_startup
         self.check_on_startup = check_on_startup
@@ -258,7 +260,11 @@ class Database:
         if self.settings is None:
             raise ValueError(REPLICAS_WITHOUT_SETTINGS)
         return [
-            _settings_from_environment(**{**self.settings.model_dump(), "url": url, "replica_urls": []}) for url in urls
+            # Only what was set: a default the primary kept stays a default, which a replica URL's value overrides.
+            _settings_from_environment(
+                **{**self.settings.model_dump(exclude_unset=True), "url": url, "replica_urls": []}
+            )
+            for url in urls
         ]
 
     @property

@@ -99,6 +99,25 @@ def _says_closed(error: BaseException | None) -> bool:
     return "connection is closed" in str(error)
 
 
+# Where a database wait's own timeout is raised from: asyncpg's command_timeout, SQLAlchemy's pre-ping (the
+# driver's error passes through it unwrapped). A TimeoutError of the app's own (an asyncio.timeout around its
+# code) starts outside them.
+_DATABASE_MODULES = ("asyncpg.", "sqlalchemy.")
+
+
+def _database_timed_out(error: BaseException) -> bool:
+    """A builtin TimeoutError raised inside the driver or SQLAlchemy: a statement, pre-ping or connect that got
+    no answer in time (asyncpg raises it unwrapped, and SQLAlchemy passes it on as it is)."""
+    if not isinstance(error, TimeoutError):
+        return False
+    traceback = error.__traceback__
+    while traceback is not None:
+        if traceback.tb_frame.f_globals.get("__name__", "").startswith(_DATABASE_MODULES):
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
 def _sqlite_code(error: BaseException) -> int | None:
     for candidate in _driver_errors(error):
         if isinstance(candidate, sqlite3.Error):
@@ -112,9 +131,10 @@ def default_error_response(error: BaseException) -> ErrorResponse | None:
     503: a serialization failure or deadlock (the transaction lost a race), a lost or invalidated connection
     (the server restarted, or became read-only: see _read_only_server.py), a server that refuses connections
     or is starting or shutting down, a full pool (``sqlalchemy.exc.TimeoutError``) or a server out of
-    connection slots, a busy SQLite database.
+    connection slots, a statement that got no answer within ``DATABASE_COMMAND_TIMEOUT`` (a TimeoutError
+    raised by the driver), a busy SQLite database.
     """
-    if isinstance(error, sa_exc.TimeoutError | DatabaseUnavailableError):
+    if isinstance(error, sa_exc.TimeoutError | DatabaseUnavailableError) or _database_timed_out(error):
         return SERVICE_UNAVAILABLE
     if isinstance(error, asyncpg.InterfaceError) and _says_closed(error):
         # asyncpg's own error, not wrapped by SQLAlchemy (seen once under load while every backend was being

@@ -31,6 +31,7 @@ __all__ = [
     "BAD_URL_VALUE",
     "CHECK_FAILED",
     "CLEANUP_FAILED",
+    "CLEANUP_TIMED_OUT",
     "COMMIT_FAILED",
     "COMMIT_FAILED_LATE",
     "CONCURRENT_USE",
@@ -140,6 +141,12 @@ COMMIT_FAILED_LATE = (
 CLEANUP_FAILED = (
     "Rolling back and closing a session at the end of its scope failed; its connection was discarded, and "
     "whatever the session had not committed is lost (the database rolls it back)."
+)
+CLEANUP_TIMED_OUT = (
+    "Rolling back and closing a session at the end of its scope got no answer from the database within {seconds} s "
+    "(DATABASE_CLEANUP_TIMEOUT): its connection was closed and discarded, and the database rolls back whatever was "
+    "left open in it once it sees the connection gone. The network or the server is failing; raise "
+    "DATABASE_CLEANUP_TIMEOUT only if its rollbacks are slow."
 )
 TWO_ENGINE_SOURCES = "{owner} takes one engine source, got {given}: pass only one of {choices}."
 MIDDLEWARE_SESSION_OPTIONS_WITH_DATABASE = (

@@ -271,7 +271,11 @@ class DBSessionMiddleware:
                 state.ended = True  # end() without its bookkeeping of a session, the common case
             else:
                 state.end()
-                await finish(session, commit=state.keep and state.complete and state.commit_on_success)
+                await finish(
+                    session,
+                    commit=state.keep and state.complete and state.commit_on_success,
+                    cleanup_timeout=state.database.cleanup_timeout,
+                )
             if counting:
                 self._stats_var.reset(stats_token)
                 if self.warn_over_queries is not None:

@@ -22,9 +22,19 @@ from .exceptions import (
 )
 
 __all__ = [
+    "DEFAULT_CLEANUP_TIMEOUT",
+    "DEFAULT_COMMAND_TIMEOUT",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_POOL_TIMEOUT",
     "DatabaseSettings",
     "SslMode",
 ]
+
+# The bounds of every wait on the database when nothing else is set; docs/how-to/timeouts.md says why these.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_COMMAND_TIMEOUT = 10.0
+DEFAULT_CLEANUP_TIMEOUT = 5.0
+DEFAULT_POOL_TIMEOUT = 10.0
 
 
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
@@ -33,6 +43,7 @@ _ASYNCPG_ONLY_FIELDS = (
     "application_name",
     "statement_timeout",
     "client_connection_check_interval",
+    "command_timeout",
     "ssl",
     "ssl_root_cert",
     "pgbouncer",
@@ -89,14 +100,32 @@ class DatabaseSettings(BaseSettings):
     """Test a connection before handing it out, so that a database restart costs no request."""
     pool_recycle: int = -1
     """Seconds after which a connection is replaced (``-1``: never)."""
-    pool_timeout: float = Field(default=30.0, gt=0)
-    """Seconds to wait for a free connection before the request fails with a 503."""
+    pool_timeout: float = Field(default=DEFAULT_POOL_TIMEOUT, gt=0)
+    """Seconds to wait for a free connection before the request fails with a 503. The default, 10, keeps a
+    request's longest wait on a silent database (this, then the connect or a statement) under the 30 s after which
+    common proxies and routers give up on a request, so that the client gets the 503 and its ``Retry-After``. See
+    docs/how-to/timeouts.md."""
     pool_use_lifo: bool = False
     """Reuse the most recently returned connection first, so that idle ones can time out."""
     isolation_level: str | None = None
     """The transactions' isolation level, such as ``SERIALIZABLE`` or ``REPEATABLE READ`` (default: the driver's)."""
-    connect_timeout: float | None = Field(default=None, gt=0)
-    """Seconds to wait for a new connection (asyncpg's ``timeout``, aiosqlite's ``timeout``)."""
+    connect_timeout: float | None = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0)
+    """Seconds to wait for a new connection, its TLS and its login (asyncpg's ``timeout``). The default, 5, fails a
+    request fast when the server cannot be reached (asyncpg alone would wait 60 s) and leaves ample time for a slow
+    login; ``None``: the driver's default. On SQLite it is passed only when set (aiosqlite's ``timeout``: how long
+    a statement waits for another connection's lock). See docs/how-to/timeouts.md."""
+    command_timeout: float | None = Field(default=DEFAULT_COMMAND_TIMEOUT, gt=0)
+    """Seconds the client waits for the answer to each statement, the pool's pre-ping, ``COMMIT`` and
+    ``ROLLBACK`` among them (asyncpg's ``command_timeout``; asyncpg only). The one bound that holds when the
+    network itself fails: the server's ``statement_timeout`` cannot reach a client whose link drops its packets.
+    A statement that runs out of time fails, its connection is thrown away, and the request gets a 503 with
+    ``Retry-After``. The default, 10, is far beyond any statement a web request should run; raise it (or set
+    ``None``, no limit) for long reports. See docs/how-to/timeouts.md."""
+    cleanup_timeout: float = Field(default=DEFAULT_CLEANUP_TIMEOUT, gt=0)
+    """Seconds the end of a request or block may take to roll back and give its connection back. A cleanup that
+    gets no answer in time discards its connection (its socket closed; the server rolls the transaction back)
+    instead of holding it out of the pool. The client has its response by then; this bounds how long a connection
+    stays checked out after a failure. Any driver. See docs/how-to/timeouts.md."""
     statement_timeout: int | None = Field(default=None, ge=0)
     """Milliseconds after which PostgreSQL cancels a statement (asyncpg only)."""
     client_connection_check_interval: int | None = Field(default=None, ge=0)
@@ -141,7 +170,8 @@ class DatabaseSettings(BaseSettings):
         if self.url is None or make_url(self.url).drivername == "postgresql+asyncpg":
             return self
         for field in _ASYNCPG_ONLY_FIELDS:
-            if getattr(self, field) not in (None, False):
+            # Only what was asked for: command_timeout's default is a number, and means nothing elsewhere.
+            if field in self.model_fields_set and getattr(self, field) not in (None, False):
                 raise ValueError(ASYNCPG_ONLY.format(field=field, env=field.upper(), url=self.redacted_url))
         return self
 
@@ -227,20 +257,25 @@ class DatabaseSettings(BaseSettings):
                 args["statement_cache_size"] = 0
             if self.connect_timeout is not None:
                 args["timeout"] = self.connect_timeout
+            if self.command_timeout is not None:
+                args["command_timeout"] = self.command_timeout
             self._add_url_arguments(given, query, args)
-        elif self.connect_timeout is not None:
+        elif self.connect_timeout is not None and "connect_timeout" in self.model_fields_set:
+            # Only when asked for: aiosqlite's timeout is SQLite's lock wait, which the URL may set (?timeout=).
             args["timeout"] = self.connect_timeout
         return args
 
     def _add_url_arguments(self, given: URL, query: AsyncpgQuery, args: dict[str, Any]) -> None:
         """Add the URL's asyncpg numbers and flags to ``args``; ValueError where a setting says otherwise."""
         settings = {
-            "timeout": ("DATABASE_CONNECT_TIMEOUT", self.connect_timeout),
-            "statement_cache_size": ("DATABASE_PGBOUNCER", "true"),
+            "timeout": ("DATABASE_CONNECT_TIMEOUT", self.connect_timeout, "connect_timeout"),
+            "command_timeout": ("DATABASE_COMMAND_TIMEOUT", self.command_timeout, "command_timeout"),
+            "statement_cache_size": ("DATABASE_PGBOUNCER", "true", "pgbouncer"),
         }
         for name, value in query.connect_args.items():
-            if name in args and args[name] != value:
-                setting, setting_value = settings[name]
+            # The URL's value wins over a default; over a setting someone made, only when they agree.
+            if name in args and args[name] != value and settings[name][2] in self.model_fields_set:
+                setting, setting_value, _ = settings[name]
                 raise ValueError(
                     URL_VALUE_DISAGREES_WITH_SETTING.format(
                         name=name,

@@ -28,6 +28,9 @@ from .models import TABLE
 
 PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 PG_DSN = PG_URL.replace("postgresql+asyncpg://", "postgresql://")
+# What the default bounds (docs/how-to/timeouts.md) add to asyncpg's connect arguments: its connect timeout and
+# its client-side command timeout.
+DEFAULT_BOUNDS = {"timeout": 5.0, "command_timeout": 10.0}
 CREATE_TABLE = f"CREATE TABLE IF NOT EXISTS {TABLE} (id INTEGER PRIMARY KEY, name VARCHAR(100) NOT NULL UNIQUE)"
 
 

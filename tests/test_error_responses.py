@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import asyncpg
@@ -63,3 +64,28 @@ async def test_a_postgresql_error_with_another_sqlstate_is_left_alone(postgresql
     finally:
         await engine.dispose()
     assert default_error_response(raised.value) is None
+
+
+async def test_a_statement_past_the_command_timeout_is_a_503(postgresql_dsn: str) -> None:
+    """asyncpg raises a plain TimeoutError, which SQLAlchemy passes on unwrapped: a 503 all the same."""
+    url = postgresql_dsn.replace("postgresql://", "postgresql+asyncpg://")
+    engine = create_async_engine(url, connect_args={"command_timeout": 0.2})
+    try:
+        async with engine.connect() as connection:
+            with pytest.raises(TimeoutError) as raised:
+                await connection.exec_driver_sql("SELECT pg_sleep(2)")
+    finally:
+        await engine.dispose()
+    response = default_error_response(raised.value)
+    assert response is not None
+    assert response.status == 503
+    assert ("Retry-After", "1") in response.headers
+
+
+async def test_the_apps_own_timeout_is_left_alone() -> None:
+    """A TimeoutError raised outside the driver and SQLAlchemy (the app's asyncio.timeout) is not the database's."""
+    with pytest.raises(TimeoutError) as raised:
+        async with asyncio.timeout(0):
+            await asyncio.sleep(1)
+    assert default_error_response(raised.value) is None
+    assert default_error_response(TimeoutError()) is None

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from asgi_db_session import Database, DatabaseSettings
 from asgi_db_session._urls import redact_url, to_async_url
+
+from .conftest import DEFAULT_BOUNDS
 
 PASSWORD = "Zx9-q7Wv@Pw"  # no dictionary words (SecretStr's repr says "Secret"), and a raw "@"
 PIECES = {PASSWORD[i : i + 4] for i in range(len(PASSWORD) - 3)}
@@ -38,7 +41,7 @@ def test_fields_come_from_database_prefixed_environment_variables(monkeypatch: p
 def test_defaults_match_the_design() -> None:
     settings = DatabaseSettings()
     assert settings.url is None
-    assert (settings.pool_size, settings.max_overflow, settings.pool_timeout) == (5, 10, 30.0)
+    assert (settings.pool_size, settings.max_overflow, settings.pool_timeout) == (5, 10, 10.0)
     assert (settings.pool_pre_ping, settings.pool_recycle, settings.echo) == (True, -1, False)
 
 
@@ -140,12 +143,13 @@ def test_engine_options_follow_the_settings() -> None:
         },
         "ssl": "require",
         "timeout": 4,
+        "command_timeout": 10.0,
     }
 
 
 def test_pgbouncer_mode_turns_off_both_statement_caches() -> None:
     settings = DatabaseSettings(url="postgresql://u@h/d", pgbouncer=True)
-    assert settings.engine_options()["connect_args"] == {"statement_cache_size": 0}
+    assert settings.engine_options()["connect_args"] == {**DEFAULT_BOUNDS, "statement_cache_size": 0}
     assert settings.engine_url().query["prepared_statement_cache_size"] == "0"
 
 
@@ -225,3 +229,67 @@ def test_the_redacted_url_is_exactly_the_url_less_its_password(url: str, shown: 
     # Exact text, not only "no 4-character piece of the password": a split at the first "@" of a password that
     # holds one leaves its tail ("@Pw") in the host part, and no 4-character piece of it.
     assert redact_url(url) == shown
+
+
+# --- the bounds of every wait (docs/how-to/timeouts.md) ------------------------------------------------------
+
+TIMEOUTS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "how-to" / "timeouts.md"
+
+
+def documented_defaults() -> dict[str, float]:
+    """The defaults in the table of docs/how-to/timeouts.md: ``| `DATABASE_X` | ... | 5 s | ...``."""
+    rows = re.findall(r"^\| `DATABASE_([A-Z_]+)` \| [^|]* \| (\d+(?:\.\d+)?) s \|", TIMEOUTS_PAGE.read_text(), re.M)
+    return {name.lower(): float(seconds) for name, seconds in rows}
+
+
+def test_the_default_bounds_are_the_documented_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CONNECT_TIMEOUT", "COMMAND_TIMEOUT", "CLEANUP_TIMEOUT", "POOL_TIMEOUT"):
+        monkeypatch.delenv(f"DATABASE_{name}", raising=False)
+    documented = documented_defaults()
+    assert documented == {"connect_timeout": 5.0, "command_timeout": 10.0, "pool_timeout": 10.0, "cleanup_timeout": 5.0}
+    settings = DatabaseSettings(url="postgresql://u@h/d")
+    assert {name: getattr(settings, name) for name in documented} == documented
+    options = settings.engine_options()
+    assert options["pool_timeout"] == documented["pool_timeout"]
+    assert (
+        options["connect_args"]
+        == DEFAULT_BOUNDS
+        == {
+            "timeout": documented["connect_timeout"],
+            "command_timeout": documented["command_timeout"],
+        }
+    )
+    assert Database(settings=settings, name="bounds").cleanup_timeout == documented["cleanup_timeout"]
+
+
+def test_the_bounds_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u@h/d")
+    monkeypatch.setenv("DATABASE_COMMAND_TIMEOUT", "2.5")
+    monkeypatch.setenv("DATABASE_CLEANUP_TIMEOUT", "1.5")
+    settings = DatabaseSettings()
+    assert settings.engine_options()["connect_args"]["command_timeout"] == 2.5
+    assert Database(settings=settings, name="bounds_env").cleanup_timeout == 1.5
+
+
+def test_the_command_timeout_can_be_turned_off() -> None:
+    settings = DatabaseSettings(url="postgresql://u@h/d", command_timeout=None)
+    assert "command_timeout" not in settings.engine_options()["connect_args"]
+
+
+def test_the_urls_timeouts_win_over_the_defaults_but_not_over_a_setting() -> None:
+    """asyncpg's timeout= and command_timeout= in the URL worked before the defaults came: they still do."""
+    url = "postgresql://u@h/d?timeout=3&command_timeout=6"
+    assert DatabaseSettings(url=url).engine_options()["connect_args"] == {"timeout": 3.0, "command_timeout": 6.0}
+    assert DatabaseSettings(url=url, command_timeout=6).engine_options()["connect_args"]["command_timeout"] == 6.0
+    with pytest.raises(ValueError, match=r"command_timeout=6 in the URL and DATABASE_COMMAND_TIMEOUT=2\.0"):
+        DatabaseSettings(url=url, command_timeout=2)
+
+
+def test_sqlite_keeps_its_own_timeout_and_refuses_a_command_timeout(tmp_path: Path) -> None:
+    """The defaults change nothing on SQLite: aiosqlite's timeout (its lock wait) stays the URL's or SQLite's own,
+    and command_timeout, asyncpg's, is an error only when asked for."""
+    settings = DatabaseSettings(url=f"sqlite:///{tmp_path}/app.db")
+    assert "connect_args" not in settings.engine_options()
+    assert Database(settings=settings, name="bounds_sqlite").cleanup_timeout == 5.0
+    with pytest.raises(ValueError, match=r"command_timeout \(DATABASE_COMMAND_TIMEOUT\) is supported on PostgreSQL"):
+        DatabaseSettings(url="sqlite:///file.db", command_timeout=3)

@@ -22,7 +22,7 @@ from starlette.routing import Route
 from asgi_db_session import Database, DatabaseSettings, DatabaseUnavailableError, DBSessionMiddleware, current_session
 from asgi_db_session._urls import redact_url, to_async_url
 
-from .conftest import PG_URL, client
+from .conftest import DEFAULT_BOUNDS, PG_URL, client
 
 pytestmark = pytest.mark.anyio
 
@@ -56,7 +56,7 @@ def test_libpq_sslmode_becomes_asyncpg_ssl(query: str, ssl: str) -> None:
     settings = DatabaseSettings(url=f"postgres://app@db.internal/shop?{query}")
     assert "sslmode" not in settings.engine_url().query
     assert "ssl" not in settings.engine_url().query
-    assert settings.engine_options()["connect_args"] == {"ssl": ssl}
+    assert settings.engine_options()["connect_args"] == {**DEFAULT_BOUNDS, "ssl": ssl}
     # The URL as shown keeps what the user wrote: the log says what is in force.
     assert query in settings.redacted_url
 
@@ -105,7 +105,7 @@ def test_a_setting_that_disagrees_with_the_url_is_an_error_naming_both(
 
 
 def test_a_setting_that_agrees_with_the_url_is_fine() -> None:
-    assert connect_args(f"{HOST_URL}?sslmode=require", ssl="require") == {"ssl": "require"}
+    assert connect_args(f"{HOST_URL}?sslmode=require", ssl="require") == {**DEFAULT_BOUNDS, "ssl": "require"}
 
 
 @pytest.mark.parametrize(
@@ -189,7 +189,10 @@ def test_a_number_in_the_url_and_its_setting_that_disagree_are_an_error() -> Non
         connect_args(f"{HOST_URL}?timeout=4", connect_timeout=9)
     with pytest.raises(ValueError, match=r"statement_cache_size=100 in the URL and DATABASE_PGBOUNCER"):
         connect_args(f"{HOST_URL}?statement_cache_size=100", pgbouncer=True)
-    assert connect_args(f"{HOST_URL}?statement_cache_size=0", pgbouncer=True) == {"statement_cache_size": 0}
+    assert connect_args(f"{HOST_URL}?statement_cache_size=0", pgbouncer=True) == {
+        **DEFAULT_BOUNDS,
+        "statement_cache_size": 0,
+    }
 
 
 def test_other_drivers_keep_their_own_query_parameters(tmp_path: Path) -> None:
