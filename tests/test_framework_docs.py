@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import re
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -81,7 +83,29 @@ async def our_backends(dsn: str, name: str) -> list[str]:
     return [row[0] for row in rows]
 
 
+@pytest.fixture
+def logging_restored() -> Iterator[None]:
+    """The process's logging as it was: Litestar's default ``logging_config`` configures it when the example's app
+    is built (the root logger's level and handlers), as it would in the user's own process, and the tests after
+    this one count log records."""
+    manager = logging.Logger.manager
+    saved = {
+        name: (logger.level, logger.handlers[:], logger.propagate, logger.disabled)
+        for name, logger in [("", logging.getLogger()), *manager.loggerDict.items()]
+        if isinstance(logger, logging.Logger)
+    }
+    yield
+    for name, logger in [("", logging.getLogger()), *manager.loggerDict.items()]:
+        if not isinstance(logger, logging.Logger):
+            continue
+        level, handlers, propagate, disabled = saved.get(name, (logging.NOTSET, [], True, False))
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+        logger.propagate, logger.disabled = propagate, disabled
+
+
 @pytest.mark.parametrize("module", list(APPS))
+@pytest.mark.usefixtures("logging_restored")
 async def test_each_example_checks_serves_and_disposes(
     module: str, postgresql_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
