@@ -112,6 +112,10 @@ class DatabaseSettings(BaseSettings):
     libpq's ``sslrootcert`` (``system``: the system's trusted CAs). asyncpg only."""
     pgbouncer: bool = False
     """Behind PgBouncer in transaction mode: turn off asyncpg's and SQLAlchemy's prepared statement caches."""
+    commit_outcome_timeout: float = Field(default=5.0, gt=0)
+    """Seconds to spend learning whether a COMMIT committed when the connection died before its answer arrived
+    (PostgreSQL on asyncpg), asking on a connection of its own; past it the client gets a 500 saying the outcome
+    is unknown (see docs/explanation/commit-outcome.md)."""
     check_on_startup: bool = False
     """At lifespan startup, connect once and fail the startup (with a readable message) if that fails."""
 

@@ -10,7 +10,8 @@ from sqlalchemy import create_engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from asgi_db_session import default_error_response
+from asgi_db_session import CommitOutcomeUnknownError, default_error_response
+from asgi_db_session.error_responses import OUTCOME_UNKNOWN
 
 pytestmark = pytest.mark.anyio
 
@@ -63,3 +64,11 @@ async def test_a_postgresql_error_with_another_sqlstate_is_left_alone(postgresql
     finally:
         await engine.dispose()
     assert default_error_response(raised.value) is None
+
+
+def test_a_commit_whose_outcome_is_unknown_is_a_500_that_says_so_without_retry_after() -> None:
+    response = default_error_response(CommitOutcomeUnknownError("lost", "742"))
+    assert response is OUTCOME_UNKNOWN
+    assert response.status == 500
+    assert "not known" in response.body
+    assert "retry-after" not in {name.lower() for name, _ in response.headers}
