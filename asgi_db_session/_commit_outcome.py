@@ -70,15 +70,16 @@ class LostCommit:
     """A COMMIT whose answer was lost: the transaction's id and the reader that can learn its outcome."""
 
     reader: CommitOutcomeReader
-    transaction_id: str
+    transaction_id: str | None  # None: not read, as DATABASE_COMMIT_OUTCOME_CHECK is off
 
 
 class CommitOutcomeReader:
     """Reads a transaction's id before COMMIT, and learns its outcome after a lost answer; one per engine."""
 
-    def __init__(self, url: URL, connect_args: dict[str, Any], timeout: float) -> None:
+    def __init__(self, url: URL, connect_args: dict[str, Any], *, check: bool, timeout: float) -> None:
         self._url = url
         self._connect_args = connect_args
+        self.check = check  # False: no id read, no question asked; a lost answer is reported as unknown
         self.timeout = timeout
         self._side_engine: AsyncEngine | None = None
 

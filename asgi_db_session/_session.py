@@ -43,6 +43,7 @@ from .exceptions import (
     CLEANUP_FAILED,
     COMMIT_LEARNED_ABORTED,
     COMMIT_LEARNED_COMMITTED,
+    COMMIT_OUTCOME_NOT_ASKED,
     COMMIT_OUTCOME_UNKNOWN,
     CONCURRENT_USE,
     CommitOutcomeUnknownError,
@@ -181,10 +182,13 @@ class OutcomeLearningSession(WriteTrackingSession):
             super().commit()  # nothing written since the last commit: no id, no data a lost answer could hide
             return
         self._wrote_since_commit = False
-        xid = reader.transaction_id(self)
-        if xid is None:
-            super().commit()
-            return
+        if reader.check:
+            xid = reader.transaction_id(self)
+            if xid is None:
+                super().commit()
+                return
+        else:
+            xid = None
         try:
             super().commit()
         except sa_exc.DBAPIError as error:
@@ -309,16 +313,21 @@ class GuardedSession(AsyncSession):
 async def _committed_after_all(session: GuardedSession, lost: LostCommit, error: Exception) -> bool:
     """After a COMMIT whose answer was lost: True if the server says it committed, False if it did not;
     CommitOutcomeUnknownError (from ``error``) if that cannot be learned."""
-    outcome, reason = await lost.reader.outcome(lost.transaction_id)
+    xid = lost.transaction_id
+    if xid is None:
+        message = COMMIT_OUTCOME_NOT_ASKED
+        logger.error(message)
+        raise CommitOutcomeUnknownError(message, None) from error
+    outcome, reason = await lost.reader.outcome(xid)
     if outcome == "aborted":
-        logger.warning(COMMIT_LEARNED_ABORTED.format(xid=lost.transaction_id))
+        logger.warning(COMMIT_LEARNED_ABORTED.format(xid=xid))
         return False
     sync_session = cast(HookSession, session.sync_session)
     if outcome is None:
-        message = COMMIT_OUTCOME_UNKNOWN.format(xid=lost.transaction_id, reason=reason)
+        message = COMMIT_OUTCOME_UNKNOWN.format(xid=xid, reason=reason)
         logger.error(message)
-        raise CommitOutcomeUnknownError(message, lost.transaction_id) from error
-    logger.warning(COMMIT_LEARNED_COMMITTED.format(xid=lost.transaction_id))
+        raise CommitOutcomeUnknownError(message, xid) from error
+    logger.warning(COMMIT_LEARNED_COMMITTED.format(xid=xid))
     # The commit happened, but SQLAlchemy saw it fail: its after_commit never came, so the callbacks are made
     # due here, before the rollback below (which ends the failed transaction on its dead connection) drops them.
     waiting, sync_session._hooks_waiting = sync_session._hooks_waiting, None

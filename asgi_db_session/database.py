@@ -102,8 +102,9 @@ def _learning_outcomes(sync_class: type[Session], reader: CommitOutcomeReader) -
     return type(f"OutcomeLearning{sync_class.__name__}", bases, {"_commit_outcome": reader})
 
 
-# How long a Database given an engine (no settings) tries to learn the outcome of a lost COMMIT.
-_COMMIT_OUTCOME_TIMEOUT = DatabaseSettings.model_fields["commit_outcome_timeout"].default
+# What a Database given an engine (no settings) does about the outcome of a lost COMMIT: the settings' defaults.
+_COMMIT_OUTCOME_CHECK: bool = DatabaseSettings.model_fields["commit_outcome_check"].default
+_COMMIT_OUTCOME_TIMEOUT: float = DatabaseSettings.model_fields["commit_outcome_timeout"].default
 
 
 class _ConnectWrapper:
@@ -329,10 +330,16 @@ class Database:
         if reader is None:
             settings = self.settings
             if settings is None:  # an engine given as it is: its URL, without the connect_args it was made with
-                reader = CommitOutcomeReader(engine.url, {}, _COMMIT_OUTCOME_TIMEOUT)
+                reader = CommitOutcomeReader(
+                    engine.url, {}, check=_COMMIT_OUTCOME_CHECK, timeout=_COMMIT_OUTCOME_TIMEOUT
+                )
             else:
-                connect_args = settings.engine_options().get("connect_args", {})
-                reader = CommitOutcomeReader(settings.engine_url(), connect_args, settings.commit_outcome_timeout)
+                reader = CommitOutcomeReader(
+                    settings.engine_url(),
+                    settings.engine_options().get("connect_args", {}),
+                    check=settings.commit_outcome_check,
+                    timeout=settings.commit_outcome_timeout,
+                )
             self._commit_outcome = reader
         return reader
 

@@ -39,6 +39,7 @@ __all__ = [
     "COMMIT_FAILED_UNKNOWN",
     "COMMIT_LEARNED_ABORTED",
     "COMMIT_LEARNED_COMMITTED",
+    "COMMIT_OUTCOME_NOT_ASKED",
     "COMMIT_OUTCOME_UNKNOWN",
     "CONCURRENT_USE",
     "CommitFailedError",
@@ -156,6 +157,12 @@ COMMIT_OUTCOME_UNKNOWN = (
     "arrived, and the outcome could not be learned ({reason}): the transaction may or may not have been saved, and "
     "its on_commit callbacks were not run. Check its data before retrying; once the server can be reached, "
     "SELECT pg_xact_status('{xid}') there tells. DATABASE_COMMIT_OUTCOME_TIMEOUT sets how long to try."
+)
+COMMIT_OUTCOME_NOT_ASKED = (
+    "The connection to the database was lost after COMMIT was sent and before its answer arrived: the transaction "
+    "may or may not have been saved, and its on_commit callbacks were not run. Check its data before retrying. "
+    "With DATABASE_COMMIT_OUTCOME_CHECK=true the transaction's id is read before COMMIT and the server is asked "
+    "what became of it."
 )
 COMMIT_LEARNED_COMMITTED = (
     "The connection to the database was lost after COMMIT of transaction {xid} was sent and before its answer "
@@ -321,11 +328,11 @@ class CommitOutcomeUnknownError(AsgiDbSessionError):
     committed could not be learned (the server could not be reached in time); ``__cause__`` is the driver's error.
 
     ``transaction_id`` is the transaction's id on the server (``SELECT pg_xact_status('<id>')`` tells the outcome
-    once it can be reached). The middleware answers it with ``OUTCOME_UNKNOWN``, a 500 without Retry-After: a
-    retry could save the data twice.
+    once it can be reached), None when it was not read (``DATABASE_COMMIT_OUTCOME_CHECK=false``). The middleware
+    answers it with ``OUTCOME_UNKNOWN``, a 500 without Retry-After: a retry could save the data twice.
     """
 
-    def __init__(self, message: str, transaction_id: str) -> None:
+    def __init__(self, message: str, transaction_id: str | None) -> None:
         super().__init__(message)
         self.transaction_id = transaction_id
 

@@ -43,6 +43,7 @@ from asgi_db_session import (
     session_scope,
 )
 from asgi_db_session.error_responses import OUTCOME_UNKNOWN, SERVICE_UNAVAILABLE
+from asgi_db_session.exceptions import COMMIT_OUTCOME_NOT_ASKED
 
 from ..conftest import PG_URL, client
 from .pg_wire import FrontendMessages, is_commit
@@ -98,7 +99,7 @@ class Proxied:
     dsn: str  # straight to the server
     made: list[Database] = field(default_factory=list)
 
-    def database(self) -> Database:
+    def database(self, *, check: bool = True) -> Database:
         """A Database whose every connection, the outcome's question included, goes through the proxy."""
         url = make_url(PG_URL).set(host="127.0.0.1", port=self.proxy.port)
         settings = DatabaseSettings(
@@ -106,6 +107,7 @@ class Proxied:
             ssl="disable",  # the hook reads the messages: no TLS
             application_name=f"adbs-outcome-{uuid.uuid4().hex[:8]}",
             commit_outcome_timeout=OUTCOME_TIMEOUT,
+            commit_outcome_check=check,
         )
         database = Database(settings=settings, name=f"outcome-{uuid.uuid4().hex[:8]}")
         self.made.append(database)
@@ -266,6 +268,24 @@ async def test_middleware_commit_whose_outcome_cannot_be_learned_is_a_distinct_5
     assert (await post(app, 2)).status_code == 201, "the next request works"
 
 
+async def test_with_the_check_off_a_lost_commit_answer_is_the_unknown_500_without_asking(
+    proxied: Proxied, caplog: pytest.LogCaptureFixture
+) -> None:
+    database = proxied.database(check=False)
+    ran: list[int] = []
+    app = writing_app(database, ran)
+    proxied.trap.arm(Action.FORWARD_THEN_DROP)
+
+    response = await post(app, 1)
+
+    assert proxied.trap.sprung == 1, "the proxy saw no COMMIT"
+    assert (response.status_code, response.text) == (500, OUTCOME_UNKNOWN.body)
+    assert proxied.proxy.accepted == 1, "the request's own connection only: no question was asked"
+    assert await proxied.ids() == [1]  # saved: "unknown" was the truth, "nothing was saved" would not have been
+    assert ran == []
+    assert COMMIT_OUTCOME_NOT_ASKED in messages(caplog, logging.ERROR)
+
+
 async def test_a_commit_still_running_on_a_backend_whose_client_is_gone_is_settled_by_ending_that_backend(
     proxied: Proxied, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -356,7 +376,9 @@ async def test_session_scope_commit_whose_outcome_cannot_be_learned_raises_commi
         await write_in_scope(database, 1, ran)
 
     assert isinstance(raised.value.__cause__, sa_exc.DBAPIError)
-    assert int(raised.value.transaction_id) % 2**32 == await proxied.inserting_xid(1)
-    assert raised.value.transaction_id in str(raised.value)
+    xid = raised.value.transaction_id
+    assert xid is not None
+    assert int(xid) % 2**32 == await proxied.inserting_xid(1)
+    assert xid in str(raised.value)
     assert ran == []
-    assert any(raised.value.transaction_id in message for message in messages(caplog, logging.ERROR))
+    assert any(xid in message for message in messages(caplog, logging.ERROR))
