@@ -28,6 +28,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
+from sqlalchemy.util import await_only
 
 logger = logging.getLogger("asgi_db_session")
 
@@ -85,14 +86,27 @@ class CommitOutcomeReader:
 
     @staticmethod
     def transaction_id(session: Session) -> str | None:
-        """The id of ``session``'s transaction, None if it has none (it wrote nothing); in the session's greenlet."""
+        """The id of ``session``'s transaction, None if it has none (it wrote nothing) or could not be read; in
+        the session's greenlet.
+
+        Asked of asyncpg directly: through SQLAlchemy's execution the question would cost a good part of what the
+        whole request costs. A failure here means the connection is broken, so the COMMIT that follows cannot be
+        sent and fails through SQLAlchemy as usual (which invalidates the connection): None, then.
+        """
         connection = session.connection()
         dialect = connection.dialect
         if dialect.driver != "asyncpg":  # a session bound elsewhere (session_scope(session_options={"bind": ...}))
             return None
         version = dialect.server_version_info
         query = _READ_ID_BEFORE_13 if version is not None and version < (13,) else _READ_ID
-        xid: str | None = connection.exec_driver_sql(query).scalar()
+        driver_connection = connection.connection.driver_connection
+        if driver_connection is None:  # only a connection of the pool that was closed has none
+            return None
+        try:
+            xid: str | None = await_only(driver_connection.fetchval(query))
+        except Exception:
+            logger.debug("reading the transaction's id before COMMIT failed", exc_info=True)
+            return None
         return xid
 
     async def outcome(self, xid: str) -> tuple[Outcome | None, str]:
