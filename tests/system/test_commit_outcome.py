@@ -20,6 +20,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -47,6 +48,7 @@ from asgi_db_session.exceptions import COMMIT_OUTCOME_NOT_ASKED
 
 from ..conftest import PG_URL, client
 from .pg_wire import FrontendMessages, is_commit
+from .pgbouncer import running_pgbouncer
 from .tcp_proxy import Action, Fault, ProxyConnection, TcpProxy
 
 pytestmark = pytest.mark.anyio
@@ -266,6 +268,32 @@ async def test_middleware_commit_whose_outcome_cannot_be_learned_is_a_distinct_5
     assert logged_xid(error) % 2**32 == await proxied.inserting_xid(1)
     proxied.proxy.heal()
     assert (await post(app, 2)).status_code == 201, "the next request works"
+
+
+async def test_through_pgbouncer_a_commit_that_committed_before_its_answer_was_lost_answers_the_apps_response(
+    proxied: Proxied, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # app -> proxy -> PgBouncer (transaction mode) -> server: the id is read through PgBouncer, and the question
+    # is a plain query on a new client connection, which PgBouncer serves like any other.
+    async with (
+        running_pgbouncer(tmp_path / "pgbouncer") as bouncer,
+        TcpProxy(bouncer.port, on_client_data=proxied.trap) as proxy,
+    ):
+        url = make_url(bouncer.url).set(port=proxy.port).render_as_string(hide_password=False)
+        settings = DatabaseSettings(url=url, pgbouncer=True, ssl="disable", commit_outcome_timeout=OUTCOME_TIMEOUT)
+        database = Database(settings=settings, name=f"outcome-{uuid.uuid4().hex[:8]}")
+        ran: list[int] = []
+        try:
+            proxied.trap.arm(Action.FORWARD_THEN_DROP)
+            response = await post(writing_app(database, ran), 1)
+        finally:
+            await database.dispose()
+
+    assert proxied.trap.sprung == 1, "the proxy saw no COMMIT"
+    assert response.status_code == 201, response.text
+    assert await proxied.ids() == [1]
+    assert ran == [1]
+    assert any("reports the transaction committed" in message for message in messages(caplog, logging.WARNING))
 
 
 async def test_with_the_check_off_a_lost_commit_answer_is_the_unknown_500_without_asking(
