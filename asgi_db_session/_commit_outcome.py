@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import asyncpg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import URL
@@ -47,22 +48,28 @@ _STATUS = text("SELECT pg_xact_status(CAST(:xid AS xid8))")
 _STATUS_BEFORE_13 = text("SELECT txid_status(CAST(:xid AS bigint))")
 # backend_xid is the 32-bit form of the id (without the epoch): unique among running transactions.
 _END_BACKEND = text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_xid = CAST(:xid32 AS xid)")
-# SQLSTATEs a server sends when it ends the connection on its own (terminated, shutting down, crashed): the
-# COMMIT's own outcome is then open as with a lost connection. Any other SQLSTATE at COMMIT is the server's
-# refusal (a deferred constraint, a serialization failure): the transaction was rolled back.
-_CONNECTION_ENDING_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
 
 
 def answer_may_be_lost(error: BaseException) -> bool:
-    """Whether ``error``, raised by COMMIT, leaves its outcome open: no SQLSTATE from the server, or one that says
-    the connection ended (class 08, a terminated or shut-down backend)."""
+    """Whether ``error``, raised by COMMIT, leaves its outcome open: the connection ended while COMMIT was under
+    way (class 08, a socket error), rather than before it was sent or with an answer from the server.
+
+    Any error the server sent in answer to COMMIT says it did not commit: a refusal (a deferred constraint, a
+    serialization failure), or the FATAL of a backend terminated or shut down (57P01...), which PostgreSQL
+    sends only before a commit or instead of its own work, never between a commit and its CommandComplete (a
+    commit waiting for a synchronous standby that gets terminated sends no error at all: the connection just
+    closes, which stays open here)."""
     if not isinstance(error, sa_exc.DBAPIError):
         return False  # not from the driver: an event listener of the app's, raising after the commit
     orig = error.orig
-    for candidate in (orig, getattr(orig, "__cause__", None)):
+    cause = getattr(orig, "__cause__", None)
+    if isinstance(cause, asyncpg.InterfaceError | asyncpg.InternalClientError):
+        # asyncpg refused to send it: a connection it knew closed ("connection is closed"), a stuck protocol.
+        return False
+    for candidate in (orig, cause):
         state = getattr(candidate, "sqlstate", None)
         if isinstance(state, str):
-            return state.startswith("08") or state in _CONNECTION_ENDING_SQLSTATES
+            return state.startswith("08")
     return True
 
 

@@ -305,8 +305,8 @@ def build_asgi_db_session_commit(settings: EngineSettings) -> ASGIApp:
     return _build_asgi_db_session(settings, commit_on_success=True)
 
 
-def build_asgi_db_session_commit_nocheck(settings: EngineSettings) -> ASGIApp:
-    """commit_on_success=True with DATABASE_COMMIT_OUTCOME_CHECK=false: no transaction id read before COMMIT.
+def build_asgi_db_session_commit_check(settings: EngineSettings) -> ASGIApp:
+    """commit_on_success=True with DATABASE_COMMIT_OUTCOME_CHECK=true: the transaction id read before COMMIT.
 
     The Database is built from settings (the check is a setting), with the engine options the others get.
     """
@@ -322,7 +322,7 @@ def build_asgi_db_session_commit_nocheck(settings: EngineSettings) -> ASGIApp:
             max_overflow=settings.max_overflow,
             pool_pre_ping=settings.pool_pre_ping,
             pool_timeout=settings.pool_timeout,
-            commit_outcome_check=False,
+            commit_outcome_check=True,
         )
     )
     app = Starlette(routes=_middleware_routes(get_session, commit=False))
@@ -389,9 +389,9 @@ APPS: dict[str, AppSpec] = {
             build_asgi_db_session_commit,
         ),
         AppSpec(
-            "asgi-db-session-commit-nocheck",
-            "the same with DATABASE_COMMIT_OUTCOME_CHECK=false: no transaction id read before COMMIT",
-            build_asgi_db_session_commit_nocheck,
+            "asgi-db-session-commit-check",
+            "the same with DATABASE_COMMIT_OUTCOME_CHECK=true: the transaction id read before COMMIT",
+            build_asgi_db_session_commit_check,
             in_default_run=False,
         ),
         AppSpec("asgi-db-session-fastapi", "FastAPI + DBSessionMiddleware", build_asgi_db_session_fastapi),

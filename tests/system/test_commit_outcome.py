@@ -102,7 +102,8 @@ class Proxied:
     made: list[Database] = field(default_factory=list)
 
     def database(self, *, check: bool = True) -> Database:
-        """A Database whose every connection, the outcome's question included, goes through the proxy."""
+        """A Database whose every connection, the outcome's question included, goes through the proxy; with
+        DATABASE_COMMIT_OUTCOME_CHECK on unless told otherwise."""
         url = make_url(PG_URL).set(host="127.0.0.1", port=self.proxy.port)
         settings = DatabaseSettings(
             url=url.render_as_string(hide_password=False),
@@ -280,7 +281,9 @@ async def test_through_pgbouncer_a_commit_that_committed_before_its_answer_was_l
         TcpProxy(bouncer.port, on_client_data=proxied.trap) as proxy,
     ):
         url = make_url(bouncer.url).set(port=proxy.port).render_as_string(hide_password=False)
-        settings = DatabaseSettings(url=url, pgbouncer=True, ssl="disable", commit_outcome_timeout=OUTCOME_TIMEOUT)
+        settings = DatabaseSettings(
+            url=url, pgbouncer=True, ssl="disable", commit_outcome_check=True, commit_outcome_timeout=OUTCOME_TIMEOUT
+        )
         database = Database(settings=settings, name=f"outcome-{uuid.uuid4().hex[:8]}")
         ran: list[int] = []
         try:
