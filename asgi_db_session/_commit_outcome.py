@@ -50,7 +50,7 @@ _STATUS_BEFORE_13 = text("SELECT txid_status(CAST(:xid AS bigint))")
 _END_BACKEND = text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_xid = CAST(:xid32 AS xid)")
 
 
-def answer_may_be_lost(error: BaseException) -> bool:
+def answer_may_be_lost(error: sa_exc.DBAPIError) -> bool:
     """Whether ``error``, raised by COMMIT, leaves its outcome open: the connection ended while COMMIT was under
     way (class 08, a socket error), rather than before it was sent or with an answer from the server.
 
@@ -59,8 +59,6 @@ def answer_may_be_lost(error: BaseException) -> bool:
     sends only before a commit or instead of its own work, never between a commit and its CommandComplete (a
     commit waiting for a synchronous standby that gets terminated sends no error at all: the connection just
     closes, which stays open here)."""
-    if not isinstance(error, sa_exc.DBAPIError):
-        return False  # not from the driver: an event listener of the app's, raising after the commit
     orig = error.orig
     cause = getattr(orig, "__cause__", None)
     if isinstance(cause, asyncpg.InterfaceError | asyncpg.InternalClientError):
@@ -106,9 +104,7 @@ class CommitOutcomeReader:
             return None
         version = dialect.server_version_info
         query = _READ_ID_BEFORE_13 if version is not None and version < (13,) else _READ_ID
-        driver_connection = connection.connection.driver_connection
-        if driver_connection is None:  # only a connection of the pool that was closed has none
-            return None
+        driver_connection: Any = connection.connection.driver_connection
         try:
             xid: str | None = await_only(driver_connection.fetchval(query))
         except Exception:

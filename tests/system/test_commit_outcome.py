@@ -43,6 +43,7 @@ from asgi_db_session import (
     on_commit,
     session_scope,
 )
+from asgi_db_session._commit_outcome import CommitOutcomeReader
 from asgi_db_session.error_responses import OUTCOME_UNKNOWN, SERVICE_UNAVAILABLE
 from asgi_db_session.exceptions import COMMIT_OUTCOME_NOT_ASKED
 
@@ -355,6 +356,59 @@ async def test_a_lost_commit_of_a_transaction_that_changed_nothing_asks_nothing_
     assert proxied.trap.sprung == 1, "the proxy saw no COMMIT"
     assert response.status_code == 503, response.text
     assert not any("COMMIT of transaction" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_connection_that_died_before_commit_is_503_without_asking(
+    proxied: Proxied, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its backend is terminated before the middleware commits: reading the id fails, the COMMIT is never sent.
+    database = proxied.database()
+
+    async def write_then_die(request: Request) -> Response:
+        session = current_session(database.name)
+        session.add(Row(id=1))
+        await session.flush()
+        connection = await asyncpg.connect(proxied.dsn)
+        try:
+            pid = await session.scalar(text("SELECT pg_backend_pid()"))
+            await connection.execute("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await connection.close()
+        return JSONResponse({}, status_code=201)
+
+    app = Starlette(routes=[Route("/die", write_then_die)])
+    app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=True)
+    async with client(app) as http:
+        response = await http.get("/die")
+
+    assert response.status_code == 503, response.text
+    assert await proxied.ids() == []
+    assert not any("COMMIT of transaction" in record.getMessage() for record in caplog.records)
+
+
+async def test_the_reader_answers_from_the_server(proxied: Proxied) -> None:
+    # Straight to the server: a transaction committed a moment ago, one rolled back, one it has not reached.
+    connection = await asyncpg.connect(proxied.dsn)
+    try:
+        async with connection.transaction():
+            await connection.execute(f"INSERT INTO {TABLE} (id) VALUES (1)")
+            committed = await connection.fetchval("SELECT pg_current_xact_id()::text")
+        transaction = connection.transaction()
+        await transaction.start()
+        await connection.execute(f"INSERT INTO {TABLE} (id) VALUES (2)")
+        aborted = await connection.fetchval("SELECT pg_current_xact_id()::text")
+        await transaction.rollback()
+    finally:
+        await connection.close()
+    reader = CommitOutcomeReader(make_url(PG_URL), {}, check=True, timeout=OUTCOME_TIMEOUT)
+    try:
+        assert await reader.outcome(committed) == ("committed", "committed")
+        assert await reader.outcome(aborted) == ("aborted", "aborted")
+        outcome, reason = await reader.outcome(str(int(committed) + 2**40))
+        assert outcome is None
+        assert "in the future" in reason, reason
+    finally:
+        await reader.close()
 
 
 # --- session_scope() ---------------------------------------------------------------------------------------------
