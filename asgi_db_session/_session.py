@@ -164,6 +164,32 @@ def _executed(state: ORMExecuteState) -> None:
 _READ_PREFIXES = frozenset({"SELECT", "SHOW"})
 
 
+def _lost_at_commit(error: sa_exc.DBAPIError) -> bool:
+    # SQLAlchemy's error names no statement when the COMMIT itself failed (a flush's INSERT is named): only
+    # then can the server have committed.
+    return error.statement is None and answer_may_be_lost(error)
+
+
+class LostCommitNotingSession(HookSession):
+    """The sync Session of PostgreSQL databases on asyncpg with DATABASE_COMMIT_OUTCOME_CHECK off: notes a COMMIT
+    whose answer was lost, which GuardedSession.commit() then reports as of unknown outcome.
+
+    It tracks no writes (that costs at every statement): any lost COMMIT answer is unknown, even a read-only
+    transaction's.
+    """
+
+    _commit_outcome: ClassVar[CommitOutcomeReader]
+    _lost_commit: LostCommit | None = None
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        except sa_exc.DBAPIError as error:
+            if _lost_at_commit(error):
+                self._lost_commit = LostCommit(self._commit_outcome, None)
+            raise
+
+
 class OutcomeLearningSession(WriteTrackingSession):
     """A WriteTrackingSession whose commit() notes what is needed to learn the outcome of a lost COMMIT.
 
@@ -182,17 +208,14 @@ class OutcomeLearningSession(WriteTrackingSession):
             super().commit()  # nothing written since the last commit: no id, no data a lost answer could hide
             return
         self._wrote_since_commit = False
-        if reader.check:
-            xid = reader.transaction_id(self)
-            if xid is None:
-                super().commit()
-                return
-        else:
-            xid = None
+        xid = reader.transaction_id(self)
+        if xid is None:
+            super().commit()
+            return
         try:
             super().commit()
         except sa_exc.DBAPIError as error:
-            if answer_may_be_lost(error):
+            if _lost_at_commit(error):
                 self._lost_commit = LostCommit(reader, xid)
             raise
 
@@ -281,7 +304,7 @@ class GuardedSession(AsyncSession):
             lost: LostCommit | None = getattr(sync_session, "_lost_commit", None)
             if lost is None:
                 raise
-            cast(OutcomeLearningSession, sync_session)._lost_commit = None
+            cast(LostCommitNotingSession, sync_session)._lost_commit = None
             if not await _committed_after_all(self, lost, error):
                 raise
         if has_due_hooks(self) and not hooks_deferred.get():

@@ -17,7 +17,13 @@ from sqlalchemy.orm import Session
 
 from ._commit_outcome import CommitOutcomeReader
 from ._orphans import OrphanReaper, server_ends_orphans
-from ._session import GuardedSession, HookSession, OutcomeLearningSession, WriteTrackingSession
+from ._session import (
+    GuardedSession,
+    HookSession,
+    LostCommitNotingSession,
+    OutcomeLearningSession,
+    WriteTrackingSession,
+)
 from ._urls import redact_url
 from .exceptions import (
     CHECK_FAILED,
@@ -94,12 +100,16 @@ def _tracking_writes(sync_class: type[Session]) -> type[Session]:
     return type(f"WriteTracking{sync_class.__name__}", (WriteTrackingSession, sync_class), {})
 
 
-def _learning_outcomes(sync_class: type[Session], reader: CommitOutcomeReader) -> type[Session]:
-    """``sync_class``, learning the outcome of a lost COMMIT through ``reader`` (one class per engine's reader)."""
-    bases: tuple[type[Session], ...] = (OutcomeLearningSession,)
-    if sync_class not in (HookSession, WriteTrackingSession, OutcomeLearningSession):
-        bases = (OutcomeLearningSession, sync_class)
-    return type(f"OutcomeLearning{sync_class.__name__}", bases, {"_commit_outcome": reader})
+def _learning_outcomes(sync_class: type[Session], reader: CommitOutcomeReader, *, tracking: bool) -> type[Session]:
+    """``sync_class``, learning (or, with the check off, noting) the outcome of a lost COMMIT through ``reader``;
+    one class per engine's reader. ``tracking``: it notes its writes (databases with replicas), as the learning
+    one always does."""
+    learning: type[Session] = OutcomeLearningSession if reader.check else LostCommitNotingSession
+    if not reader.check and tracking:
+        given: Any = sync_class  # functools.cache wants it hashable, which mypy cannot see of a Session class
+        sync_class = _tracking_writes(given)
+    bases = (learning,) if issubclass(learning, sync_class) else (learning, sync_class)
+    return type(f"{learning.__name__.removesuffix('Session')}{sync_class.__name__}", bases, {"_commit_outcome": reader})
 
 
 # What a Database given an engine (no settings) does about the outcome of a lost COMMIT: the settings' defaults.
@@ -403,7 +413,9 @@ class Database:
             sync_class = options.get("sync_session_class") or session_class.sync_session_class
             if commit_outcome is not None:
                 # Notes writes as well: a transaction that wrote has an id to read before its COMMIT.
-                options["sync_session_class"] = _learning_outcomes(sync_class, commit_outcome)
+                options["sync_session_class"] = _learning_outcomes(
+                    sync_class, commit_outcome, tracking=bool(self._replica_settings)
+                )
             elif self._replica_settings:
                 # Tells the request which of its reads must stay on the primary; only with replicas, as it costs.
                 options["sync_session_class"] = _tracking_writes(sync_class)
