@@ -12,6 +12,7 @@ from .error_responses import ErrorResponse, default_error_response
 from .exceptions import (
     AsgiDbSessionError,
     CommitFailedError,
+    CommitOutcomeUnknownError,
     ConcurrentSessionUseError,
     DatabaseUnavailableError,
     NoSessionError,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsgiDbSessionError",
     "CommitFailedError",
+    "CommitOutcomeUnknownError",
     "ConcurrentSessionUseError",
     "DBSessionMiddleware",
     "Database",

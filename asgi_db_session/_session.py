@@ -13,6 +13,11 @@
   cancellation shield; each hook carries its own runner (commit_hooks.py), which this module only calls.
 - ``WriteTrackingSession`` (the sync Session of databases with replicas): notes when it has written, so that
   a request that wrote reads its own write from the primary (see ScopeState.after_write).
+- ``OutcomeLearningSession`` (the sync Session of PostgreSQL databases on asyncpg): reads the transaction's id
+  just before COMMIT when it wrote, and notes it when COMMIT fails in a way that leaves its outcome open (a
+  lost connection); ``GuardedSession.commit()`` then learns the outcome (_commit_outcome.py) and answers it:
+  returns if the transaction committed (its on_commit callbacks become due), re-raises the error if it did
+  not, raises CommitOutcomeUnknownError if it could not be learned.
 - ``finish()`` and ``commit()``: a scope's commit and close, run through ``_shield.shielded`` so that a
   cancellation cannot stop either halfway.
 """
@@ -25,14 +30,26 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from sqlalchemy import TextClause, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
+from ._commit_outcome import CommitOutcomeReader, LostCommit, answer_may_be_lost
 from ._shield import shielded, shielded_starting_now
-from .exceptions import CLEANUP_FAILED, CLEANUP_TIMED_OUT, CONCURRENT_USE, ConcurrentSessionUseError
+from .exceptions import (
+    CLEANUP_FAILED,
+    CLEANUP_TIMED_OUT,
+    COMMIT_LEARNED_ABORTED,
+    COMMIT_LEARNED_COMMITTED,
+    COMMIT_OUTCOME_NOT_ASKED,
+    COMMIT_OUTCOME_UNKNOWN,
+    CONCURRENT_USE,
+    CommitOutcomeUnknownError,
+    ConcurrentSessionUseError,
+)
 
 logger = logging.getLogger("asgi_db_session")
 
@@ -117,14 +134,19 @@ async def run_due_hooks(session: AsyncSession) -> None:
 
 
 class WriteTrackingSession(HookSession):
-    """Sets ``_wrote`` on a flush that sent changes, and on any statement that is not a plain SELECT."""
+    """Sets ``_wrote`` on a flush that sent changes, and on any statement that is not a plain SELECT.
+
+    ``_wrote`` stays set for the session's life (a later read must see the primary); ``_wrote_since_commit``
+    is cleared by OutcomeLearningSession's commit.
+    """
 
     _wrote = False
+    _wrote_since_commit = False
 
 
 @event.listens_for(WriteTrackingSession, "after_flush")
 def _flushed(session: WriteTrackingSession, flush_context: Any) -> None:
-    session._wrote = True
+    session._wrote = session._wrote_since_commit = True
 
 
 @event.listens_for(WriteTrackingSession, "do_orm_execute")
@@ -136,10 +158,71 @@ def _executed(state: ORMExecuteState) -> None:
     if isinstance(statement, TextClause) and statement.text.lstrip()[:6].upper() in _READ_PREFIXES:
         return
     # Registered on WriteTrackingSession, so the session is one.
-    cast(WriteTrackingSession, state.session)._wrote = True
+    session = cast(WriteTrackingSession, state.session)
+    session._wrote = session._wrote_since_commit = True
 
 
 _READ_PREFIXES = frozenset({"SELECT", "SHOW"})
+
+
+def _lost_at_commit(error: sa_exc.DBAPIError | TimeoutError) -> bool:
+    if isinstance(error, TimeoutError):
+        # DATABASE_COMMAND_TIMEOUT ended the wait for COMMIT's answer (asyncpg's TimeoutError, which SQLAlchemy
+        # passes on unwrapped): the server may have committed all the same.
+        return True
+    # SQLAlchemy's error names no statement when the COMMIT itself failed (a flush's INSERT is named): only
+    # then can the server have committed.
+    return error.statement is None and answer_may_be_lost(error)
+
+
+class LostCommitNotingSession(HookSession):
+    """The sync Session of PostgreSQL databases on asyncpg with DATABASE_COMMIT_OUTCOME_CHECK off: notes a COMMIT
+    whose answer was lost, which GuardedSession.commit() then reports as of unknown outcome.
+
+    It tracks no writes (that costs at every statement): any lost COMMIT answer is unknown, even a read-only
+    transaction's.
+    """
+
+    _commit_outcome: ClassVar[CommitOutcomeReader]
+    _lost_commit: LostCommit | None = None
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        except (sa_exc.DBAPIError, TimeoutError) as error:
+            if _lost_at_commit(error):
+                self._lost_commit = LostCommit(self._commit_outcome, None)
+            raise
+
+
+class OutcomeLearningSession(WriteTrackingSession):
+    """A WriteTrackingSession whose commit() notes what is needed to learn the outcome of a lost COMMIT.
+
+    Database makes a subclass per engine, with ``_commit_outcome`` set to that engine's reader.
+    """
+
+    _commit_outcome: ClassVar[CommitOutcomeReader]
+    # Set by a COMMIT that failed leaving its outcome open; taken by GuardedSession.commit().
+    _lost_commit: LostCommit | None = None
+
+    def commit(self) -> None:
+        reader = self._commit_outcome
+        # What commit() flushes first, flushed here: the transaction's id exists once it has written.
+        self.flush()
+        if not self._wrote_since_commit:
+            super().commit()  # nothing written since the last commit: no id, no data a lost answer could hide
+            return
+        self._wrote_since_commit = False
+        xid = reader.transaction_id(self)
+        if xid is None:
+            super().commit()
+            return
+        try:
+            super().commit()
+        except (sa_exc.DBAPIError, TimeoutError) as error:
+            if _lost_at_commit(error):
+                self._lost_commit = LostCommit(reader, xid)
+            raise
 
 
 # How long close() waits for another task's operation on the session before giving up with an error.
@@ -213,8 +296,22 @@ class GuardedSession(AsyncSession):
         await _guarded_close(self)
 
     async def commit(self) -> None:
-        """Commit, then run the on_commit callbacks that the commit made due."""
-        await _guarded_commit(self)
+        """Commit, then run the on_commit callbacks that the commit made due.
+
+        On PostgreSQL, when the connection dies after COMMIT was sent, the outcome is learned before this
+        returns: it returns if the transaction committed, re-raises the error if it did not, and raises
+        CommitOutcomeUnknownError if the server could not tell in time (see _commit_outcome.py).
+        """
+        try:
+            await _guarded_commit(self)
+        except Exception as error:
+            sync_session = self.sync_session
+            lost: LostCommit | None = getattr(sync_session, "_lost_commit", None)
+            if lost is None:
+                raise
+            cast(LostCommitNotingSession, sync_session)._lost_commit = None
+            if not await _committed_after_all(self, lost, error):
+                raise
         if has_due_hooks(self) and not hooks_deferred.get():
             await run_due_hooks(self)
 
@@ -239,6 +336,36 @@ class GuardedSession(AsyncSession):
         if transaction is None:
             return None
         return _GuardedTransaction._retrieve_proxy_for_target(transaction, async_session=self)
+
+
+async def _committed_after_all(session: GuardedSession, lost: LostCommit, error: Exception) -> bool:
+    """After a COMMIT whose answer was lost: True if the server says it committed, False if it did not;
+    CommitOutcomeUnknownError (from ``error``) if that cannot be learned."""
+    xid = lost.transaction_id
+    if xid is None:
+        message = COMMIT_OUTCOME_NOT_ASKED
+        logger.error(message)
+        raise CommitOutcomeUnknownError(message, None) from error
+    outcome, reason = await lost.reader.outcome(xid)
+    if outcome == "aborted":
+        logger.warning(COMMIT_LEARNED_ABORTED.format(xid=xid))
+        return False
+    sync_session = cast(HookSession, session.sync_session)
+    if outcome is None:
+        message = COMMIT_OUTCOME_UNKNOWN.format(xid=xid, reason=reason)
+        logger.error(message)
+        raise CommitOutcomeUnknownError(message, xid) from error
+    logger.warning(COMMIT_LEARNED_COMMITTED.format(xid=xid))
+    # The commit happened, but SQLAlchemy saw it fail: its after_commit never came, so the callbacks are made
+    # due here, before the rollback below (which ends the failed transaction on its dead connection) drops them.
+    waiting, sync_session._hooks_waiting = sync_session._hooks_waiting, None
+    if waiting:
+        sync_session._hooks_due = [*(sync_session._hooks_due or ()), *waiting]
+    try:
+        await session.rollback()
+    except Exception:  # the connection is dead already; close() discards it
+        logger.debug("ending the committed transaction's session state failed", exc_info=True)
+    return True
 
 
 class _GuardedTransaction(AsyncSessionTransaction):

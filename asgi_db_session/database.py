@@ -15,9 +15,16 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 
+from ._commit_outcome import CommitOutcomeReader
 from ._orphans import OrphanReaper, server_ends_orphans
 from ._read_only_server import discard_read_only_servers
-from ._session import GuardedSession, HookSession, WriteTrackingSession
+from ._session import (
+    GuardedSession,
+    HookSession,
+    LostCommitNotingSession,
+    OutcomeLearningSession,
+    WriteTrackingSession,
+)
 from ._urls import redact_url
 from .exceptions import (
     CHECK_FAILED,
@@ -93,6 +100,23 @@ def _tracking_writes(sync_class: type[Session]) -> type[Session]:
     if sync_class is HookSession:
         return WriteTrackingSession
     return type(f"WriteTracking{sync_class.__name__}", (WriteTrackingSession, sync_class), {})
+
+
+def _learning_outcomes(sync_class: type[Session], reader: CommitOutcomeReader, *, tracking: bool) -> type[Session]:
+    """``sync_class``, learning (or, with the check off, noting) the outcome of a lost COMMIT through ``reader``;
+    one class per engine's reader. ``tracking``: it notes its writes (databases with replicas), as the learning
+    one always does."""
+    learning: type[Session] = OutcomeLearningSession if reader.check else LostCommitNotingSession
+    if not reader.check and tracking:
+        given: Any = sync_class  # functools.cache wants it hashable, which mypy cannot see of a Session class
+        sync_class = _tracking_writes(given)
+    bases = (learning,) if issubclass(learning, sync_class) else (learning, sync_class)
+    return type(f"{learning.__name__.removesuffix('Session')}{sync_class.__name__}", bases, {"_commit_outcome": reader})
+
+
+# What a Database given an engine (no settings) does about the outcome of a lost COMMIT: the settings' defaults.
+_COMMIT_OUTCOME_CHECK: bool = DatabaseSettings.model_fields["commit_outcome_check"].default
+_COMMIT_OUTCOME_TIMEOUT: float = DatabaseSettings.model_fields["commit_outcome_timeout"].default
 
 
 class _ConnectWrapper:
@@ -225,6 +249,7 @@ class Database:
         _refuse_lost_hooks(self.session_options)
         self._engine_options = dict(engine_options or {})
         self._reapers: list[OrphanReaper] = []
+        self._commit_outcome: CommitOutcomeReader | None = None
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
         self._joined: async_sessionmaker[AsyncSession] | None = None
         joining = _joining.get(name)
@@ -316,8 +341,30 @@ class Database:
         """The factory behind every session of this database."""
         factory = self._sessionmaker
         if factory is None:
-            factory = self._sessionmaker = self._maker(self.engine)
+            engine = self.engine
+            factory = self._sessionmaker = self._maker(engine, self._commit_outcome_reader(engine))
         return factory
+
+    def _commit_outcome_reader(self, engine: AsyncEngine) -> CommitOutcomeReader | None:
+        """The reader that learns what became of a COMMIT whose answer was lost: PostgreSQL on asyncpg only."""
+        if engine.dialect.driver != "asyncpg":
+            return None
+        reader = self._commit_outcome
+        if reader is None:
+            settings = self.settings
+            if settings is None:  # an engine given as it is: its URL, without the connect_args it was made with
+                reader = CommitOutcomeReader(
+                    engine.url, {}, check=_COMMIT_OUTCOME_CHECK, timeout=_COMMIT_OUTCOME_TIMEOUT
+                )
+            else:
+                reader = CommitOutcomeReader(
+                    settings.engine_url(),
+                    settings.engine_options().get("connect_args", {}),
+                    check=settings.commit_outcome_check,
+                    timeout=settings.commit_outcome_timeout,
+                )
+            self._commit_outcome = reader
+        return reader
 
     def count_queries(self) -> None:
         """Count each scope's statements and database time from now on (see ``query_stats()``)."""
@@ -370,13 +417,21 @@ class Database:
         # The maker's own arguments, class_ among them, stay; the call's arguments override the rest.
         return maker() if options is None else maker(**options)
 
-    def _maker(self, engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    def _maker(
+        self, engine: AsyncEngine, commit_outcome: CommitOutcomeReader | None = None
+    ) -> async_sessionmaker[AsyncSession]:
         options = dict(self.session_options)
         session_class = options.get("class_")
-        if self._replica_settings and isinstance(session_class, type) and issubclass(session_class, GuardedSession):
-            # Tells the request which of its reads must stay on the primary; only with replicas, as it costs.
+        if isinstance(session_class, type) and issubclass(session_class, GuardedSession):
             sync_class = options.get("sync_session_class") or session_class.sync_session_class
-            options["sync_session_class"] = _tracking_writes(sync_class)
+            if commit_outcome is not None:
+                # Notes writes as well: a transaction that wrote has an id to read before its COMMIT.
+                options["sync_session_class"] = _learning_outcomes(
+                    sync_class, commit_outcome, tracking=bool(self._replica_settings)
+                )
+            elif self._replica_settings:
+                # Tells the request which of its reads must stay on the primary; only with replicas, as it costs.
+                options["sync_session_class"] = _tracking_writes(sync_class)
         return async_sessionmaker(engine, **options)
 
     def _primary_read_only_maker(self) -> async_sessionmaker[AsyncSession]:
@@ -437,6 +492,8 @@ class Database:
         """Close every pooled connection. The engine stays usable: a later session opens a fresh pool."""
         for reaper in self._reapers:
             await reaper.close()
+        if self._commit_outcome is not None:
+            await self._commit_outcome.close()
         if self._engine is not None:
             await self._engine.dispose()
         for engine in self._replica_engines or ():

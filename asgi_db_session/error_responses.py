@@ -16,13 +16,14 @@ import asyncpg
 from sqlalchemy import exc as sa_exc
 
 from ._types import Message
-from .exceptions import DatabaseUnavailableError
+from .exceptions import CommitOutcomeUnknownError, DatabaseUnavailableError
 
 __all__ = [
     "CONFLICT",
     "ErrorResponse",
     "ErrorResponseMapper",
     "INTERNAL_SERVER_ERROR",
+    "OUTCOME_UNKNOWN",
     "SERVICE_UNAVAILABLE",
     "default_error_response",
 ]
@@ -69,6 +70,14 @@ INTERNAL_SERVER_ERROR = ErrorResponse(500, "Internal Server Error")
 CONFLICT = ErrorResponse(409, "Conflict: the request clashes with data saved meanwhile; nothing was saved.")
 SERVICE_UNAVAILABLE = ErrorResponse(
     503, "Service Unavailable: the database could not complete the request; retry it.", (("Retry-After", "1"),)
+)
+# The connection died while COMMIT was under way and the server could not be asked what became of it: neither
+# "saved" (a 2xx) nor "retry" (a 503), since a retry could save the data twice. A 500 says the server failed,
+# and an HTTP client retries no POST on it by itself.
+OUTCOME_UNKNOWN = ErrorResponse(
+    500,
+    "Internal Server Error: the connection to the database was lost while saving, and whether the request's "
+    "changes were saved is not known. Check before retrying.",
 )
 
 
@@ -126,7 +135,8 @@ def _sqlite_code(error: BaseException) -> int | None:
 
 
 def default_error_response(error: BaseException) -> ErrorResponse | None:
-    """409 for a unique violation; 503 with ``Retry-After`` for what a retry can fix; None for the rest.
+    """409 for a unique violation; 503 with ``Retry-After`` for what a retry can fix; ``OUTCOME_UNKNOWN`` (a 500
+    that says so) for a COMMIT whose outcome could not be learned; None for the rest.
 
     503: a serialization failure or deadlock (the transaction lost a race), a lost or invalidated connection
     (the server restarted, or became read-only: see _read_only_server.py), a server that refuses connections
@@ -136,6 +146,8 @@ def default_error_response(error: BaseException) -> ErrorResponse | None:
     """
     if isinstance(error, sa_exc.TimeoutError | DatabaseUnavailableError) or _database_timed_out(error):
         return SERVICE_UNAVAILABLE
+    if isinstance(error, CommitOutcomeUnknownError):
+        return OUTCOME_UNKNOWN
     if isinstance(error, asyncpg.InterfaceError) and _says_closed(error):
         # asyncpg's own error, not wrapped by SQLAlchemy (seen once under load while every backend was being
         # terminated): the connection died under the request, as with the wrapped kind below.

@@ -12,6 +12,8 @@ meaning calls for, so that ``except RuntimeError`` (or ``LookupError``, ``Connec
           ├── UsageError (RuntimeError) ... a call where it cannot work: query_stats() without counting, nested
           │                                 Database.sessions_joining(), the testing plugin's set-up refused
           ├── CommitFailedError ............ the commit of a request's session failed; the client got an error status
+          ├── CommitOutcomeUnknownError .... the connection died while COMMIT was under way, and whether it
+          │                                  committed could not be learned (PostgreSQL)
           └── DatabaseUnavailableError (ConnectionError)  the database could not be reached (startup check,
                                              Database.check(), a refused connect)
 
@@ -34,8 +36,15 @@ __all__ = [
     "CLEANUP_TIMED_OUT",
     "COMMIT_FAILED",
     "COMMIT_FAILED_LATE",
+    "COMMIT_FAILED_LATE_UNKNOWN",
+    "COMMIT_FAILED_UNKNOWN",
+    "COMMIT_LEARNED_ABORTED",
+    "COMMIT_LEARNED_COMMITTED",
+    "COMMIT_OUTCOME_NOT_ASKED",
+    "COMMIT_OUTCOME_UNKNOWN",
     "CONCURRENT_USE",
     "CommitFailedError",
+    "CommitOutcomeUnknownError",
     "ConcurrentSessionUseError",
     "DatabaseUnavailableError",
     "ENGINE_OPTIONS_WITH_ENGINE",
@@ -137,6 +146,36 @@ COMMIT_FAILED = (
 COMMIT_FAILED_LATE = (
     "Committing the {name!r} session after the response had started failed; the work done after the response "
     "started (streaming body or background task) was rolled back and the client's response was cut short."
+)
+COMMIT_FAILED_UNKNOWN = (
+    "Committing the {name!r} session before sending the response lost its answer, and whether it committed could "
+    "not be learned, so the client got {status} instead of the app's {app_status}; the request's changes may have "
+    "been saved."
+)
+COMMIT_FAILED_LATE_UNKNOWN = (
+    "Committing the {name!r} session after the response had started lost its answer, and whether it committed "
+    "could not be learned; the client's response was cut short, and the work done after the response started may "
+    "have been saved."
+)
+COMMIT_OUTCOME_UNKNOWN = (
+    "The connection to the database was lost after COMMIT of transaction {xid} was sent and before its answer "
+    "arrived, and the outcome could not be learned ({reason}): the transaction may or may not have been saved, and "
+    "its on_commit callbacks were not run. Check its data before retrying; once the server can be reached, "
+    "SELECT pg_xact_status('{xid}') there tells. DATABASE_COMMIT_OUTCOME_TIMEOUT sets how long to try."
+)
+COMMIT_OUTCOME_NOT_ASKED = (
+    "The connection to the database was lost after COMMIT was sent and before its answer arrived: the transaction "
+    "may or may not have been saved, and its on_commit callbacks were not run. Check its data before retrying. "
+    "With DATABASE_COMMIT_OUTCOME_CHECK=true the transaction's id is read before COMMIT and the server is asked "
+    "what became of it."
+)
+COMMIT_LEARNED_COMMITTED = (
+    "The connection to the database was lost after COMMIT of transaction {xid} was sent and before its answer "
+    "arrived; the server reports the transaction committed, so it is treated as committed."
+)
+COMMIT_LEARNED_ABORTED = (
+    "The connection to the database was lost after COMMIT of transaction {xid} was sent and before its answer "
+    "arrived; the server reports the transaction rolled back, so nothing of it was saved."
 )
 CLEANUP_FAILED = (
     "Rolling back and closing a session at the end of its scope failed; its connection was discarded, and "
@@ -310,6 +349,20 @@ class CommitFailedError(AsgiDbSessionError):
     background tasks do not run for data that was not saved), then out of the middleware to the server, which
     logs it. It does not derive from RuntimeError so that an app's handler for RuntimeError does not catch it.
     """
+
+
+class CommitOutcomeUnknownError(AsgiDbSessionError):
+    """The connection died after COMMIT was sent and before its answer arrived, and whether the transaction
+    committed could not be learned (the server could not be reached in time); ``__cause__`` is the driver's error.
+
+    ``transaction_id`` is the transaction's id on the server (``SELECT pg_xact_status('<id>')`` tells the outcome
+    once it can be reached), None when it was not read (``DATABASE_COMMIT_OUTCOME_CHECK=false``). The middleware
+    answers it with ``OUTCOME_UNKNOWN``, a 500 without Retry-After: a retry could save the data twice.
+    """
+
+    def __init__(self, message: str, transaction_id: str | None) -> None:
+        super().__init__(message)
+        self.transaction_id = transaction_id
 
 
 class DatabaseUnavailableError(AsgiDbSessionError, ConnectionError):

@@ -17,10 +17,13 @@ from .error_responses import INTERNAL_SERVER_ERROR, ErrorResponse, ErrorResponse
 from .exceptions import (
     COMMIT_FAILED,
     COMMIT_FAILED_LATE,
+    COMMIT_FAILED_LATE_UNKNOWN,
+    COMMIT_FAILED_UNKNOWN,
     MIDDLEWARE_NAME_MISMATCH,
     MIDDLEWARE_SESSION_OPTIONS_WITH_DATABASE,
     TWO_ENGINE_SOURCES,
     CommitFailedError,
+    CommitOutcomeUnknownError,
 )
 from .query_insight import QueryStats, _stats_var, _warn_if_over
 from .replay import _note_answered
@@ -304,10 +307,9 @@ class DBSessionMiddleware:
                     response = state.failure_response = self.error_response(exc)
                     response = response or INTERNAL_SERVER_ERROR
                     _note_answered(exc)
+                    text = COMMIT_FAILED_UNKNOWN if isinstance(exc, CommitOutcomeUnknownError) else COMMIT_FAILED
                     failure = state.failure = CommitFailedError(
-                        COMMIT_FAILED.format(
-                            name=self.database.name, status=response.status, app_status=message["status"]
-                        )
+                        text.format(name=self.database.name, status=response.status, app_status=message["status"])
                     )
                     for error_message in response.messages():
                         await send(error_message)
@@ -322,7 +324,9 @@ class DBSessionMiddleware:
                         await commit(session)
                     except Exception as exc:
                         state.keep = False
-                        failure = state.failure = CommitFailedError(COMMIT_FAILED_LATE.format(name=self.database.name))
+                        unknown = isinstance(exc, CommitOutcomeUnknownError)
+                        late = COMMIT_FAILED_LATE_UNKNOWN if unknown else COMMIT_FAILED_LATE
+                        failure = state.failure = CommitFailedError(late.format(name=self.database.name))
                         raise failure from exc
                 state.complete = True
         elif message_type == "websocket.accept":

@@ -141,6 +141,16 @@ class DatabaseSettings(BaseSettings):
     libpq's ``sslrootcert`` (``system``: the system's trusted CAs). asyncpg only."""
     pgbouncer: bool = False
     """Behind PgBouncer in transaction mode: turn off asyncpg's and SQLAlchemy's prepared statement caches."""
+    commit_outcome_check: bool = False
+    """Read each writing transaction's id just before its COMMIT (one more round trip per writing request), so
+    that if the connection dies after COMMIT was sent and before its answer arrived the server can be asked
+    whether it committed: the client then gets the app's response, or a 503, as it really was (PostgreSQL on
+    asyncpg). Off, such a COMMIT is answered as of unknown outcome (a 500 that says so), never as "not saved"
+    (see docs/explanation/commit-outcome.md)."""
+    commit_outcome_timeout: float = Field(default=5.0, gt=0)
+    """Seconds to spend learning whether a COMMIT committed when the connection died before its answer arrived
+    (PostgreSQL on asyncpg), asking on a connection of its own; past it the client gets a 500 saying the outcome
+    is unknown (see docs/explanation/commit-outcome.md)."""
     check_on_startup: bool = False
     """At lifespan startup, connect once and fail the startup (with a readable message) if that fails."""
 

@@ -362,6 +362,31 @@ def build_asgi_db_session_commit(settings: EngineSettings) -> ASGIApp:
     return _build_asgi_db_session(settings, commit_on_success=True)
 
 
+def build_asgi_db_session_commit_check(settings: EngineSettings) -> ASGIApp:
+    """commit_on_success=True with DATABASE_COMMIT_OUTCOME_CHECK=true: the transaction id read before COMMIT.
+
+    The Database is built from settings (the check is a setting), with the engine options the others get.
+    """
+    from asgi_db_session import Database, DatabaseSettings, DBSessionMiddleware, current_session
+
+    def get_session(request: Request) -> AsyncSession:
+        return current_session()
+
+    database = Database(
+        settings=DatabaseSettings(
+            url=settings.url,
+            pool_size=settings.pool_size,
+            max_overflow=settings.max_overflow,
+            pool_pre_ping=settings.pool_pre_ping,
+            pool_timeout=settings.pool_timeout,
+            commit_outcome_check=True,
+        )
+    )
+    app = Starlette(routes=_middleware_routes(get_session, commit=False))
+    app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=True)
+    return app
+
+
 def build_asgi_db_session_unguarded(settings: EngineSettings) -> ASGIApp:
     """Plain AsyncSession sessions: without the guard against two tasks sharing one session (and on_commit)."""
     return _build_asgi_db_session(
@@ -425,6 +450,12 @@ APPS: dict[str, AppSpec] = {
             "asgi-db-session-commit",
             "Starlette + DBSessionMiddleware(commit_on_success=True)",
             build_asgi_db_session_commit,
+        ),
+        AppSpec(
+            "asgi-db-session-commit-check",
+            "the same with DATABASE_COMMIT_OUTCOME_CHECK=true: the transaction id read before COMMIT",
+            build_asgi_db_session_commit_check,
+            in_default_run=False,
         ),
         AppSpec("asgi-db-session-fastapi", "FastAPI + DBSessionMiddleware", build_asgi_db_session_fastapi),
         AppSpec(

@@ -11,7 +11,8 @@ from sqlalchemy import create_engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from asgi_db_session import default_error_response
+from asgi_db_session import CommitOutcomeUnknownError, default_error_response
+from asgi_db_session.error_responses import OUTCOME_UNKNOWN
 
 pytestmark = pytest.mark.anyio
 
@@ -89,3 +90,11 @@ async def test_the_apps_own_timeout_is_left_alone() -> None:
             await asyncio.sleep(1)
     assert default_error_response(raised.value) is None
     assert default_error_response(TimeoutError()) is None
+
+
+def test_a_commit_whose_outcome_is_unknown_is_a_500_that_says_so_without_retry_after() -> None:
+    response = default_error_response(CommitOutcomeUnknownError("lost", "742"))
+    assert response is OUTCOME_UNKNOWN
+    assert response.status == 500
+    assert "not known" in response.body
+    assert "retry-after" not in {name.lower() for name, _ in response.headers}

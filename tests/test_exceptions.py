@@ -12,6 +12,7 @@ import asgi_db_session
 from asgi_db_session import (
     AsgiDbSessionError,
     CommitFailedError,
+    CommitOutcomeUnknownError,
     ConcurrentSessionUseError,
     DatabaseUnavailableError,
     NoSessionError,
@@ -36,7 +37,7 @@ def _exception_classes() -> list[type[BaseException]]:
 
 def test_every_exception_of_the_package_derives_from_its_base() -> None:
     classes = _exception_classes()
-    assert len(classes) == 7
+    assert len(classes) == 8
     for cls in classes:
         assert issubclass(cls, AsgiDbSessionError), cls
         assert cls.__name__ in asgi_db_session.__all__
@@ -59,6 +60,13 @@ def test_each_keeps_the_builtin_base_its_meaning_calls_for(cls: type[Exception],
 def test_a_failed_commit_is_no_runtime_error() -> None:
     # An app's handler for RuntimeError must not catch it: the client got an error status, the server must hear.
     assert not issubclass(CommitFailedError, RuntimeError)
+
+
+def test_an_unknown_commit_outcome_is_no_connection_error_and_carries_the_transaction_id() -> None:
+    # Not a ConnectionError: code that retries on one would save the data twice if the COMMIT had gone through.
+    error = CommitOutcomeUnknownError("lost", "742")
+    assert not isinstance(error, ConnectionError | RuntimeError)
+    assert (str(error), error.transaction_id) == ("lost", "742")
 
 
 def test_the_module_docstring_draws_every_exception() -> None:

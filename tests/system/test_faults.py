@@ -433,7 +433,9 @@ async def restart_under_load(cluster: Cluster, database: Database) -> tuple[Load
 
 
 async def test_cluster_restart_under_load(cluster_writes: Cluster, make_database: MakeDatabase) -> None:
-    database = make_database(cluster_writes.url, pool_size=10, max_overflow=10)
+    # A restart that ends a backend while its COMMIT is in flight leaves that COMMIT's outcome open: with the check
+    # the outcome is learned once the server is back (without it the answer is the 500 "not known").
+    database = make_database(cluster_writes.url, pool_size=10, max_overflow=10, commit_outcome_check=True)
     load, _down, back = await restart_under_load(cluster_writes, database)
 
     load.assert_caught_mid_transaction_got_503()
@@ -463,7 +465,8 @@ async def test_requests_while_the_cluster_restarts_get_503_not_500(
     cluster_writes: Cluster, make_database: MakeDatabase
 ) -> None:
     """Refused and reset connects (DatabaseUnavailableError) and 57P03 (starting up, shutting down) are 503."""
-    database = make_database(cluster_writes.url, pool_size=10, max_overflow=10)
+    # The check settles the COMMITs the restart caught in flight (see test_cluster_restart_under_load).
+    database = make_database(cluster_writes.url, pool_size=10, max_overflow=10, commit_outcome_check=True)
     load, down, back = await restart_under_load(cluster_writes, database)
 
     during = [outcome for outcome in load.outcomes.values() if down <= outcome.started < back]
