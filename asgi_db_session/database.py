@@ -12,7 +12,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import asyncpg
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+import sqlalchemy.ext.asyncio
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from ._orphans import OrphanReaper, server_ends_orphans
@@ -154,6 +156,13 @@ class _ConnectWrapper:
             ) from exc
 
 
+def _create_engine(url: str | URL, options: Mapping[str, Any]) -> AsyncEngine:
+    # Looked up on the module at each call, not imported once: an instrumentation that wraps the module's
+    # function after this package was imported (OpenTelemetry's SQLAlchemyInstrumentor().instrument()) sees
+    # the engines made from then on.
+    return sqlalchemy.ext.asyncio.create_async_engine(url, **options)
+
+
 def get_database(name: str = "default") -> Database:
     """The Database most recently created under ``name`` (the middleware creates one when not given one).
 
@@ -175,6 +184,13 @@ class Database:
 
     Give at most one engine source: ``url``, ``engine`` or ``settings``; none reads ``DatabaseSettings()``
     from the environment. ``url`` is combined with the other ``DATABASE_*`` settings from the environment.
+
+    ``on_engine(engine, role)`` is called once for every engine this Database uses, as it is created (or, for
+    ``engine=``, here): ``role`` is ``"primary"`` or ``"replica"``. Replica engines are made on first use, so a
+    listener added at startup would miss them; this is the place to add SQLAlchemy event listeners (on
+    ``engine.sync_engine``) or tracing to all of them. Engines are made with ``create_async_engine`` looked up
+    on ``sqlalchemy.ext.asyncio`` at that moment, so OpenTelemetry's ``SQLAlchemyInstrumentor().instrument()``
+    covers them too, whenever it ran before they were made.
     """
 
     def __init__(
@@ -189,6 +205,7 @@ class Database:
         engine_options: Mapping[str, Any] | None = None,
         check_on_startup: bool | None = None,
         replicas: Sequence[str] | None = None,
+        on_engine: Callable[[AsyncEngine, str], object] | None = None,
     ) -> None:
         # Set first, so that repr() works on a Database whose construction failed (a traceback printing locals).
         self.name = name
@@ -227,8 +244,9 @@ class Database:
         self._read_only_makers: Iterator[async_sessionmaker[AsyncSession]] | None = None
         self._primary_read_only: async_sessionmaker[AsyncSession] | None = None
         self._counting_queries = False
+        self.on_engine = on_engine
         if engine is not None:
-            self._instrument(engine, None)
+            self._instrument(engine, None, "primary")
         _registry[name] = self
         _all_databases.add(self)
 
@@ -268,12 +286,14 @@ class Database:
         if self._engine is None:
             assert self.settings is not None
             options = {**self.settings.engine_options(), **self._engine_options}
-            self._engine = create_async_engine(self.settings.engine_url(), **options)
-            self._instrument(self._engine, self.settings)
+            self._engine = _create_engine(self.settings.engine_url(), options)
+            self._instrument(self._engine, self.settings, "primary")
         return self._engine
 
-    def _instrument(self, engine: AsyncEngine, settings: DatabaseSettings | None) -> None:
+    def _instrument(self, engine: AsyncEngine, settings: DatabaseSettings | None, role: str) -> None:
         """What every engine of this Database gets, whether it made the engine or was given it."""
+        if self.on_engine is not None:
+            self.on_engine(engine, role)
         sync_engine = engine.sync_engine
         dialect = sync_engine.dialect
         # The dialect's own connect, wrapped on this engine's dialect rather than through a "do_connect" listener:
@@ -324,8 +344,8 @@ class Database:
             engines = self._replica_engines = []
             for replica in self._replica_settings:
                 options = {**replica.engine_options(), **self._engine_options}
-                engine = create_async_engine(replica.engine_url(), **options)
-                self._instrument(engine, replica)
+                engine = _create_engine(replica.engine_url(), options)
+                self._instrument(engine, replica, "replica")
                 engines.append(engine)
         return engines
 

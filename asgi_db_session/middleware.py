@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._context import ScopeState, scope_var
+from ._lazy_loads import log_lazy_load
 from ._session import commit, finish
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .database import Database
@@ -18,6 +19,7 @@ from .exceptions import (
     COMMIT_FAILED,
     COMMIT_FAILED_LATE,
     MIDDLEWARE_NAME_MISMATCH,
+    MIDDLEWARE_ON_ENGINE_WITH_DATABASE,
     MIDDLEWARE_SESSION_OPTIONS_WITH_DATABASE,
     TWO_ENGINE_SOURCES,
     CommitFailedError,
@@ -109,6 +111,9 @@ class DBSessionMiddleware:
     ``server_timing=True`` also sends them as a ``Server-Timing: db;dur=...;desc="N queries"`` header;
     ``warn_over_queries=N`` logs a warning naming the route when a request runs more than N statements.
     Either of the last two implies the first. Off by default: counting costs two engine events per statement.
+
+    ``on_engine(engine, role)`` is called for every engine of the Database the middleware builds, the primary
+    and each replica, as it is created (see ``Database``): for event listeners or tracing on all of them.
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class DBSessionMiddleware:
         count_queries: bool = False,
         server_timing: bool = False,
         warn_over_queries: int | None = None,
+        on_engine: Callable[[AsyncEngine, str], object] | None = None,
     ) -> None:
         given = [
             arg
@@ -152,6 +158,7 @@ class DBSessionMiddleware:
                     settings=settings,
                     commit_on_success=bool(commit_on_success),
                     session_options=session_options,
+                    on_engine=on_engine,
                 )
             except (ValueError, ModuleNotFoundError) as exc:
                 # A missing or invalid setting (no DATABASE_URL, DATABASE_POOL_SIZE=abc, a sync driver, a driver
@@ -164,6 +171,8 @@ class DBSessionMiddleware:
                 return
         elif session_options is not None:
             raise ValueError(MIDDLEWARE_SESSION_OPTIONS_WITH_DATABASE)
+        elif on_engine is not None:
+            raise ValueError(MIDDLEWARE_ON_ENGINE_WITH_DATABASE)
         elif name is not None and name != database.name:
             raise ValueError(MIDDLEWARE_NAME_MISMATCH.format(name=name, database=database.name))
         self.database = database
@@ -232,6 +241,7 @@ class DBSessionMiddleware:
             await self.app(scope, receive, app_send)
         except Exception as exc:
             state.keep = False
+            log_lazy_load(exc, f"{scope.get('method', 'WEBSOCKET')} {scope.get('path', '')}")
             failure = state.failure
             if failure is None:
                 if state.started or not await self._answer_error(scope, send, exc):
