@@ -11,11 +11,12 @@ import gc
 import logging
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
-from sqlalchemy import ForeignKey, String, select
-from sqlalchemy.exc import MissingGreenlet, SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload
+from sqlalchemy import ForeignKey, String, event, select
+from sqlalchemy.exc import InvalidRequestError, MissingGreenlet, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, joinedload, mapped_column, relationship, selectinload
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -26,6 +27,7 @@ from asgi_db_session._lazy_loads import lazy_load_message
 from asgi_db_session.exceptions import LAZY_LOAD_OF_COLUMN, LAZY_LOAD_OF_RELATIONSHIP, LAZY_LOAD_UNNAMED
 
 from .conftest import Backend, client
+from .docs_code import DOCS, blocks_run_by
 
 pytestmark = [
     pytest.mark.anyio,
@@ -36,6 +38,7 @@ pytestmark = [
 
 SUFFIX = os.getpid()
 GREENLET = "greenlet_spawn has not been called"
+LAZY_LOADING_PAGE = DOCS / "how-to" / "lazy-loading.md"
 
 
 class Base(DeclarativeBase):
@@ -163,3 +166,26 @@ def test_a_missing_greenlet_without_the_loader_in_its_traceback_gets_the_general
     error = RuntimeError("wrapped")
     error.__cause__ = MissingGreenlet("greenlet_spawn has not been called")
     assert lazy_load_message(error) == LAZY_LOAD_UNNAMED
+
+
+async def test_the_docs_conftest_makes_lazy_loads_raise(library: Database) -> None:
+    (block,) = blocks_run_by(
+        LAZY_LOADING_PAGE, "tests/test_lazy_loads.py::test_the_docs_conftest_makes_lazy_loads_raise"
+    )
+    namespace: dict[str, Any] = {}
+    exec(compile(block.code, block.where, "exec"), namespace)
+    listener = namespace["raise_on_lazy_loads"]
+    event.listen(Session, "do_orm_execute", listener)
+    try:
+        async with session_scope() as session:
+            author = (await session.execute(select(Author))).scalar_one()
+            with pytest.raises(InvalidRequestError, match="'Author.books' is not available due to lazy='raise'"):
+                author.books  # noqa: B018 - the lazy load the recipe makes raise
+        async with session_scope() as session:
+            query = select(Author).options(selectinload(Author.books))
+            author = (await session.execute(query)).scalar_one()
+            assert [book.title for book in author.books] == ["The Dispossessed"]
+            book = (await session.execute(select(Book).options(joinedload(Book.author)))).scalar_one()
+            assert book.author.name == "Le Guin"
+    finally:
+        event.remove(Session, "do_orm_execute", listener)
