@@ -166,6 +166,9 @@ def test_a_missing_greenlet_without_the_loader_in_its_traceback_gets_the_general
     error = RuntimeError("wrapped")
     error.__cause__ = MissingGreenlet("greenlet_spawn has not been called")
     assert lazy_load_message(error) == LAZY_LOAD_UNNAMED
+    # From a task group (anyio, asyncio.TaskGroup): found among the group's errors.
+    group = ExceptionGroup("tasks", [ValueError("other"), MissingGreenlet("greenlet_spawn has not been called")])
+    assert lazy_load_message(group) == LAZY_LOAD_UNNAMED
 
 
 async def test_the_docs_conftest_makes_lazy_loads_raise(library: Database) -> None:
