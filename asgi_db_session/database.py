@@ -9,7 +9,7 @@ import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import sqlalchemy.ext.asyncio
@@ -42,6 +42,9 @@ __all__ = [
     "get_database",
 ]
 
+
+# What on_engine is told an engine is for.
+_EngineRole = Literal["primary", "replica"]
 
 # Recommended for async code: no lazy loads after commit, no implicit IO from autoflush.
 _SESSION_DEFAULTS: Mapping[str, Any] = {"expire_on_commit": False, "autoflush": False, "class_": GuardedSession}
@@ -205,7 +208,7 @@ class Database:
         engine_options: Mapping[str, Any] | None = None,
         check_on_startup: bool | None = None,
         replicas: Sequence[str] | None = None,
-        on_engine: Callable[[AsyncEngine, str], object] | None = None,
+        on_engine: Callable[[AsyncEngine, _EngineRole], object] | None = None,
     ) -> None:
         # Set first, so that repr() works on a Database whose construction failed (a traceback printing locals).
         self.name = name
@@ -290,10 +293,14 @@ class Database:
             self._instrument(self._engine, self.settings, "primary")
         return self._engine
 
-    def _instrument(self, engine: AsyncEngine, settings: DatabaseSettings | None, role: str) -> None:
-        """What every engine of this Database gets, whether it made the engine or was given it."""
+    def _instrument(self, engine: AsyncEngine, settings: DatabaseSettings | None, role: _EngineRole) -> None:
+        """What every engine of this Database gets, whether it made the engine or was given it; then the app's
+        on_engine hook, last, so that one that raises leaves the engine set up as without it."""
+        self._instrument_own(engine, settings)
         if self.on_engine is not None:
             self.on_engine(engine, role)
+
+    def _instrument_own(self, engine: AsyncEngine, settings: DatabaseSettings | None) -> None:
         sync_engine = engine.sync_engine
         dialect = sync_engine.dialect
         # The dialect's own connect, wrapped on this engine's dialect rather than through a "do_connect" listener:

@@ -13,7 +13,7 @@ from ._context import ScopeState, scope_var
 from ._lazy_loads import log_lazy_load
 from ._session import commit, finish
 from ._types import ASGIApp, Message, Receive, Scope, Send
-from .database import Database
+from .database import Database, _EngineRole
 from .error_responses import INTERNAL_SERVER_ERROR, ErrorResponse, ErrorResponseMapper, default_error_response
 from .exceptions import (
     COMMIT_FAILED,
@@ -132,7 +132,7 @@ class DBSessionMiddleware:
         count_queries: bool = False,
         server_timing: bool = False,
         warn_over_queries: int | None = None,
-        on_engine: Callable[[AsyncEngine, str], object] | None = None,
+        on_engine: Callable[[AsyncEngine, _EngineRole], object] | None = None,
     ) -> None:
         given = [
             arg
