@@ -9,10 +9,12 @@ import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+import sqlalchemy.ext.asyncio
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from ._commit_outcome import CommitOutcomeReader
@@ -49,6 +51,9 @@ __all__ = [
     "get_database",
 ]
 
+
+# What on_engine is told an engine is for.
+_EngineRole = Literal["primary", "replica"]
 
 # Recommended for async code: no lazy loads after commit, no implicit IO from autoflush.
 _SESSION_DEFAULTS: Mapping[str, Any] = {"expire_on_commit": False, "autoflush": False, "class_": GuardedSession}
@@ -184,6 +189,13 @@ class _ConnectWrapper:
             ) from exc
 
 
+def _create_engine(url: str | URL, options: Mapping[str, Any]) -> AsyncEngine:
+    # Looked up on the module at each call, not imported once: an instrumentation that wraps the module's
+    # function after this package was imported (OpenTelemetry's SQLAlchemyInstrumentor().instrument()) sees
+    # the engines made from then on.
+    return sqlalchemy.ext.asyncio.create_async_engine(url, **options)
+
+
 def get_database(name: str = "default") -> Database:
     """The Database most recently created under ``name`` (the middleware creates one when not given one).
 
@@ -205,6 +217,13 @@ class Database:
 
     Give at most one engine source: ``url``, ``engine`` or ``settings``; none reads ``DatabaseSettings()``
     from the environment. ``url`` is combined with the other ``DATABASE_*`` settings from the environment.
+
+    ``on_engine(engine, role)`` is called once for every engine this Database uses, as it is created (or, for
+    ``engine=``, here): ``role`` is ``"primary"`` or ``"replica"``. Replica engines are made on first use, so a
+    listener added at startup would miss them; this is the place to add SQLAlchemy event listeners (on
+    ``engine.sync_engine``) or tracing to all of them. Engines are made with ``create_async_engine`` looked up
+    on ``sqlalchemy.ext.asyncio`` at that moment, so OpenTelemetry's ``SQLAlchemyInstrumentor().instrument()``
+    covers them too, whenever it ran before they were made.
     """
 
     def __init__(
@@ -219,6 +238,7 @@ class Database:
         engine_options: Mapping[str, Any] | None = None,
         check_on_startup: bool | None = None,
         replicas: Sequence[str] | None = None,
+        on_engine: Callable[[AsyncEngine, _EngineRole], object] | None = None,
     ) -> None:
         # Set first, so that repr() works on a Database whose construction failed (a traceback printing locals).
         self.name = name
@@ -260,8 +280,9 @@ class Database:
         self._read_only_makers: Iterator[async_sessionmaker[AsyncSession]] | None = None
         self._primary_read_only: async_sessionmaker[AsyncSession] | None = None
         self._counting_queries = False
+        self.on_engine = on_engine
         if engine is not None:
-            self._instrument(engine, None)
+            self._instrument(engine, None, "primary")
         _registry[name] = self
         _all_databases.add(self)
 
@@ -305,12 +326,18 @@ class Database:
         if self._engine is None:
             assert self.settings is not None
             options = {**self.settings.engine_options(), **self._engine_options}
-            self._engine = create_async_engine(self.settings.engine_url(), **options)
-            self._instrument(self._engine, self.settings)
+            self._engine = _create_engine(self.settings.engine_url(), options)
+            self._instrument(self._engine, self.settings, "primary")
         return self._engine
 
-    def _instrument(self, engine: AsyncEngine, settings: DatabaseSettings | None) -> None:
-        """What every engine of this Database gets, whether it made the engine or was given it."""
+    def _instrument(self, engine: AsyncEngine, settings: DatabaseSettings | None, role: _EngineRole) -> None:
+        """What every engine of this Database gets, whether it made the engine or was given it; then the app's
+        on_engine hook, last, so that one that raises leaves the engine set up as without it."""
+        self._instrument_own(engine, settings)
+        if self.on_engine is not None:
+            self.on_engine(engine, role)
+
+    def _instrument_own(self, engine: AsyncEngine, settings: DatabaseSettings | None) -> None:
         sync_engine = engine.sync_engine
         dialect = sync_engine.dialect
         # The dialect's own connect, wrapped on this engine's dialect rather than through a "do_connect" listener:
@@ -384,8 +411,8 @@ class Database:
             engines = self._replica_engines = []
             for replica in self._replica_settings:
                 options = {**replica.engine_options(), **self._engine_options}
-                engine = create_async_engine(replica.engine_url(), **options)
-                self._instrument(engine, replica)
+                engine = _create_engine(replica.engine_url(), options)
+                self._instrument(engine, replica, "replica")
                 engines.append(engine)
         return engines
 

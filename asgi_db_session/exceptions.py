@@ -52,7 +52,11 @@ __all__ = [
     "HOOKS_WOULD_NEVER_RUN",
     "INVALID_SETTINGS",
     "JOINS_NESTED",
+    "LAZY_LOAD_OF_COLUMN",
+    "LAZY_LOAD_OF_RELATIONSHIP",
+    "LAZY_LOAD_UNNAMED",
     "MIDDLEWARE_NAME_MISMATCH",
+    "MIDDLEWARE_ON_ENGINE_WITH_DATABASE",
     "MIDDLEWARE_SESSION_OPTIONS_WITH_DATABASE",
     "MISSING_EXTRA",
     "NOT_A_DATABASE",
@@ -187,9 +191,33 @@ CLEANUP_TIMED_OUT = (
     "left open in it once it sees the connection gone. The network or the server is failing; raise "
     "DATABASE_CLEANUP_TIMEOUT only if its rollbacks are slow."
 )
+# MissingGreenlet ("greenlet_spawn has not been called"): an attribute loaded lazily outside await.
+LAZY_LOAD_OF_RELATIONSHIP = (
+    "MissingGreenlet: {target} was loaded lazily on attribute access, which an AsyncSession cannot do. Load it "
+    "with the query (.options(selectinload({target})) or joinedload({target})), or await it "
+    "(await obj.awaitable_attrs.{attribute}, with sqlalchemy.ext.asyncio.AsyncAttrs as a base of the model). "
+    'To find every such access in your tests, make lazy loads raise: lazy="raise" on the relationship, or '
+    'raiseload("*") (see the docs\' "Lazy loading in async code" page).'
+)
+LAZY_LOAD_OF_COLUMN = (
+    "MissingGreenlet: {target} was expired (by a commit with expire_on_commit=True, a rollback, or expire()) and "
+    "then read, which loads it lazily, and an AsyncSession cannot do that on attribute access. Reload it with "
+    "await session.refresh(obj) or await obj.awaitable_attrs.{attribute} (sqlalchemy.ext.asyncio.AsyncAttrs), "
+    "or keep expire_on_commit=False (this package's default)."
+)
+LAZY_LOAD_UNNAMED = (
+    "MissingGreenlet: an attribute was loaded lazily on attribute access (which model and attribute could not "
+    "be told from the traceback), which an AsyncSession cannot do. Load relationships with the query "
+    "(selectinload or joinedload in .options()), or await them (obj.awaitable_attrs.<name>, with "
+    'sqlalchemy.ext.asyncio.AsyncAttrs); lazy="raise" or raiseload("*") in your tests finds every such access.'
+)
 TWO_ENGINE_SOURCES = "{owner} takes one engine source, got {given}: pass only one of {choices}."
 MIDDLEWARE_SESSION_OPTIONS_WITH_DATABASE = (
     "With database=, give session_options= to Database(...) instead of the middleware."
+)
+MIDDLEWARE_ON_ENGINE_WITH_DATABASE = (
+    "on_engine= applies to the Database that DBSessionMiddleware builds; with database=, pass on_engine= to "
+    "Database(...) instead."
 )
 MIDDLEWARE_NAME_MISMATCH = "name={name!r} does not match the name of database= ({database!r}); drop one."
 ENGINE_OPTIONS_WITH_ENGINE = "engine_options= applies to an engine that Database creates; it got engine= instead."

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._context import ScopeState, scope_var
+from ._lazy_loads import log_lazy_load
 from ._session import cancel_other_task, commit, finish
 from ._types import AnyASGIApp, ASGIApp, Message, Receive, Scope, Send
-from .database import Database
+from .database import Database, _EngineRole
 from .error_responses import INTERNAL_SERVER_ERROR, ErrorResponse, ErrorResponseMapper, default_error_response
 from .exceptions import (
     COMMIT_FAILED,
@@ -20,6 +21,7 @@ from .exceptions import (
     COMMIT_FAILED_LATE_UNKNOWN,
     COMMIT_FAILED_UNKNOWN,
     MIDDLEWARE_NAME_MISMATCH,
+    MIDDLEWARE_ON_ENGINE_WITH_DATABASE,
     MIDDLEWARE_SESSION_OPTIONS_WITH_DATABASE,
     TWO_ENGINE_SOURCES,
     CommitFailedError,
@@ -129,6 +131,9 @@ class DBSessionMiddleware:
     ``server_timing=True`` also sends them as a ``Server-Timing: db;dur=...;desc="N queries"`` header;
     ``warn_over_queries=N`` logs a warning naming the route when a request runs more than N statements.
     Either of the last two implies the first. Off by default: counting costs two engine events per statement.
+
+    ``on_engine(engine, role)`` is called for every engine of the Database the middleware builds, the primary
+    and each replica, as it is created (see ``Database``): for event listeners or tracing on all of them.
     """
 
     def __init__(
@@ -147,6 +152,7 @@ class DBSessionMiddleware:
         count_queries: bool = False,
         server_timing: bool = False,
         warn_over_queries: int | None = None,
+        on_engine: Callable[[AsyncEngine, _EngineRole], object] | None = None,
     ) -> None:
         given = [
             arg
@@ -172,6 +178,7 @@ class DBSessionMiddleware:
                     settings=settings,
                     commit_on_success=bool(commit_on_success),
                     session_options=session_options,
+                    on_engine=on_engine,
                 )
             except (ValueError, ModuleNotFoundError) as exc:
                 # A missing or invalid setting (no DATABASE_URL, DATABASE_POOL_SIZE=abc, a sync driver, a driver
@@ -184,6 +191,8 @@ class DBSessionMiddleware:
                 return
         elif session_options is not None:
             raise ValueError(MIDDLEWARE_SESSION_OPTIONS_WITH_DATABASE)
+        elif on_engine is not None:
+            raise ValueError(MIDDLEWARE_ON_ENGINE_WITH_DATABASE)
         elif name is not None and name != database.name:
             raise ValueError(MIDDLEWARE_NAME_MISMATCH.format(name=name, database=database.name))
         self.database = database
@@ -255,6 +264,7 @@ class DBSessionMiddleware:
             await self.app(scope, receive, app_send)
         except Exception as exc:
             state.keep = False
+            log_lazy_load(exc, f"{scope.get('method', 'WEBSOCKET')} {scope.get('path', '')}")
             failure = state.failure
             if failure is None:
                 if state.started or not await self._answer_error(scope, send, exc):

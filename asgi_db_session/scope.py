@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ._context import ScopeState, enter, leave, scope_var
+from ._lazy_loads import log_lazy_load
 from .database import get_database
 from .exceptions import SCOPE_SESSION_CLASS
 
@@ -58,6 +59,8 @@ class _SessionScope(AbstractAsyncContextManager[AsyncSession]):
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if exc is not None:
+            log_lazy_load(exc, f"session_scope({self._name!r})")
         await leave(self._state, self._token, clean=exc_type is None)
 
 

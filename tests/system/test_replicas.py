@@ -16,6 +16,10 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
+from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.applications import Starlette
@@ -365,3 +369,59 @@ async def test_lifespan_shutdown_disposes_the_replica_engines(
 
     assert await backends_of(replicas.standby.dsn, APPLICATION_NAME) == 0
     assert await backends_of(replicas.primary.dsn, APPLICATION_NAME) == 0
+
+
+# --- tracing ------------------------------------------------------------------------------------------------
+
+
+def peer_port(span: ReadableSpan) -> object:
+    """The server port a statement's span names (the attribute's name depends on the semantic conventions)."""
+    attributes = span.attributes or {}
+    return attributes.get("server.port", attributes.get("net.peer.port"))
+
+
+async def test_opentelemetry_traces_statements_on_the_replica_and_on_engine_sees_each_engine(
+    replicas: ReplicaSet, make_database: list[Database]
+) -> None:
+    """SQLAlchemyInstrumentor().instrument() after the package was imported (as an app's startup does) still
+    covers the engines the package makes from then on, the replica's among them."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrumentor = SQLAlchemyInstrumentor()
+    # The instrumentation declares SQLAlchemy < 2.1 and otherwise refuses the 2.1 these tests may run on; what it
+    # does (SQLAlchemy's engine events) works on both, as this test shows.
+    instrumentor.instrument(tracer_provider=provider, skip_dep_check=True)
+    try:
+        engines: list[tuple[str, int | None]] = []
+        database = Database(
+            replicas.primary_url,
+            replicas=[replicas.standby_url],
+            on_engine=lambda engine, role: engines.append((role, engine.url.port)),
+        )
+        make_database.append(database)
+
+        @session_policy(read_only=True)
+        async def report(request: Request) -> Response:
+            await current_session().execute(text("SELECT 'traced on the replica'"))
+            return Response()
+
+        async def normal(request: Request) -> Response:
+            await current_session().execute(text("SELECT 'traced on the primary'"))
+            return Response()
+
+        app = Starlette(routes=[Route("/report", report), Route("/normal", normal)])
+        app.add_middleware(DBSessionMiddleware, database=database)
+        async with client(app) as http:
+            assert (await http.get("/report")).status_code == 200
+            assert (await http.get("/normal")).status_code == 200
+    finally:
+        instrumentor.uninstrument()
+
+    assert engines == [("replica", replicas.standby.port), ("primary", replicas.primary.port)]
+    ports = {
+        (span.attributes or {}).get("db.statement", (span.attributes or {}).get("db.query.text")): peer_port(span)
+        for span in exporter.get_finished_spans()
+    }
+    assert ports["SELECT 'traced on the replica'"] == replicas.standby.port
+    assert ports["SELECT 'traced on the primary'"] == replicas.primary.port
