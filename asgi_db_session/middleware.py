@@ -70,6 +70,8 @@ def _with_server_timing(send: Send, stats: QueryStats, name: str) -> Send:
 class _RequestState(ScopeState):
     """A request's scope, plus what its messages said so far (class-level defaults until they change)."""
 
+    in_request = True
+
     started = False  # the response (or the WebSocket) got going: work may be committed at the end
     keep = True  # nothing has said "roll back" yet
     failure: CommitFailedError | None = None
