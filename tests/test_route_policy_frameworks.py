@@ -29,6 +29,10 @@ from rodi import Container
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, SADeprecationWarning
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.applications import Starlette
+from starlette.requests import Request as StarletteRequest
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
 from asgi_db_session import Database, DBSessionMiddleware, NoSessionError, current_session, session_policy
 from asgi_db_session._types import ASGIApp, Receive, Scope, Send
@@ -222,11 +226,32 @@ def quart_app() -> ASGIApp:
     async def items(item_id: int) -> str:
         return await run_three_statements()
 
+    @session_policy(read_only=True)  # above the route decorator: Quart registered the function itself
+    @app.get("/above")
+    async def above() -> str:
+        return await read_only_state(current_session(), write=False)
+
+    @app.before_request
+    async def open_early() -> None:
+        if request.path == "/early":
+            current_session()  # created by a hook, before the endpoint runs (Quart has routed already)
+
+    @app.get("/early")
+    @session_policy(read_only=True)
+    async def early() -> str:
+        return await read_only_state(current_session(), write=False)
+
     return cast(ASGIApp, app)
 
 
 async def test_quart(backend: Backend, database: Database, caplog: pytest.LogCaptureFixture) -> None:
     await check_app(quart_app(), backend, database, caplog, route="/items/<int:item_id>")
+
+
+async def test_quart_reads_the_endpoint_from_its_own_context(database: Database) -> None:
+    async with client(DBSessionMiddleware(quart_app(), database=database)) as http:
+        assert (await http.get("/above")).text == "on"
+        assert (await http.get("/early")).text == "on"
 
 
 # ---- BlackSheep: the matched route is kept on neither the request nor the scope ----------------------------
@@ -317,12 +342,22 @@ def django_app() -> Iterator[ASGIApp]:
     async def items(request: HttpRequest, item_id: int) -> HttpResponse:
         return HttpResponse(await run_three_statements())
 
+    @session_policy(session=False)
+    def sync_no_database(request: HttpRequest) -> HttpResponse:
+        # Django runs a sync view in a thread, with the request's context: the wrapper reaches the request.
+        try:
+            current_session()
+        except NoSessionError as exc:
+            return HttpResponse(str(exc))
+        return HttpResponse("a session was handed out")
+
     urls = ModuleType("urls")
     urls.urlpatterns = [  # type: ignore[attr-defined]
         path("none", no_database),
         path("read", read),
         path("add", csrf_exempt(add)),
         path("items/<int:item_id>", items),
+        path("sync-none", sync_no_database),
     ]
     saved = settings.ROOT_URLCONF
     settings.ROOT_URLCONF = urls
@@ -338,3 +373,44 @@ async def test_django(
     django_app: ASGIApp, backend: Backend, database: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     await check_app(django_app, backend, database, caplog, route="items/<int:item_id>")
+
+
+async def test_django_sync_views_take_the_marker_too(django_app: ASGIApp, database: Database) -> None:
+    async with client(DBSessionMiddleware(django_app, database=database)) as http:
+        assert "sync_no_database is marked session_policy(session=False)" in (await http.get("/sync-none")).text
+
+
+# ---- Starlette: a session created before routing ------------------------------------------------------------
+
+
+def created_before_routing(app: ASGIApp) -> ASGIApp:
+    """A middleware inside DBSessionMiddleware that creates the request's session before the router runs."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        current_session()
+        await app(scope, receive, send)
+
+    return middleware
+
+
+async def test_a_session_created_before_routing_still_follows_the_commit_policy(
+    backend: Backend, database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    @session_policy(commit_on_success=True)
+    async def add(request: StarletteRequest) -> Response:
+        return PlainTextResponse(add_item("kept"))
+
+    @session_policy(read_only=True)
+    async def read(request: StarletteRequest) -> Response:
+        return PlainTextResponse(await read_only_state(current_session(), write=False))
+
+    app = created_before_routing(Starlette(routes=[Route("/add", add, methods=["POST"]), Route("/read", read)]))
+    with caplog.at_level(logging.WARNING, logger="asgi_db_session"):
+        async with client(DBSessionMiddleware(app, database=database)) as http:
+            assert (await http.post("/add")).status_code == 200
+            # Too late for a read-only transaction: the session was made read-write, and a warning says so.
+            assert (await http.get("/read")).text == "off"
+    assert await backend.names() == ["kept"]
+    [warning] = [record.getMessage() for record in caplog.records]
+    assert "read_only=True" in warning
+    assert "created before the endpoint" in warning
