@@ -121,8 +121,10 @@ class ScopeState:
 
     def follow(self, policy: SessionPolicy) -> None:
         """The request's endpoint, marked with ``policy``, is being called: follow it where still possible."""
-        if self.route_policy is policy or self.ended:
-            return  # taken from the scope already, when the session was created
+        if self.route_policy is not None or self.ended:
+            # Taken already: from the scope when the session was created, or from the endpoint the framework
+            # called first (a marked function that it calls in turn does not change the request's policy).
+            return
         if self.session is None:
             self.asgi_scope = None
             self.take(policy)

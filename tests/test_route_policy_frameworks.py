@@ -146,6 +146,18 @@ async def test_raw_asgi(backend: Backend, database: Database, caplog: pytest.Log
     await check_app(raw_app, backend, database, caplog, route="/items/7")
 
 
+@session_policy(commit_on_success=False)
+async def raw_add_and_drop(scope: Scope, receive: Receive, send: Send) -> None:
+    await raw_add(scope, receive, send)
+
+
+async def test_the_endpoint_called_first_sets_the_policy(backend: Backend, database: Database) -> None:
+    # raw_add_and_drop calls raw_add, marked commit_on_success=True: the request keeps the first one's policy.
+    async with client(DBSessionMiddleware(raw_add_and_drop, database=database, commit_on_success=True)) as http:
+        assert (await http.post("/")).status_code == 201
+    assert await backend.names() == []
+
+
 @session_policy(read_only=True)
 async def read_only_app(scope: Scope, receive: Receive, send: Send) -> None:
     await respond(send, await read_only_state(current_session(), write=False))
