@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -66,22 +67,29 @@ def _following(endpoint: _Endpoint, policy: SessionPolicy) -> _Endpoint:
     for their dependencies and parameters (through __wrapped__); the wrapper is async when the endpoint is,
     as frameworks decide from that whether to await it or run it in a thread.
     """
+    follow = follow_route_policy  # a closure variable, not a global: the wrapper runs in the endpoint's globals
     if inspect.iscoroutinefunction(endpoint):
 
-        @functools.wraps(endpoint)
         async def following_async(*args: Any, **kwargs: Any) -> Any:
-            follow_route_policy(policy)
+            follow(policy)
             return await endpoint(*args, **kwargs)
 
-        return cast(_Endpoint, following_async)
-    if inspect.isfunction(endpoint) and not (
+        wrapper: Callable[..., Any] = following_async
+    elif inspect.isfunction(endpoint) and not (
         inspect.isgeneratorfunction(endpoint) or inspect.isasyncgenfunction(endpoint)
     ):
 
-        @functools.wraps(endpoint)
         def following(*args: Any, **kwargs: Any) -> Any:
-            follow_route_policy(policy)
+            follow(policy)
             return endpoint(*args, **kwargs)
 
-        return cast(_Endpoint, following)
-    return endpoint
+        wrapper = following
+    else:
+        return endpoint
+    # A string annotation (from __future__ import annotations) is resolved in the function's __globals__, and
+    # some frameworks (FastAPI before it unwrapped, 0.110 among them) read those of the function they were
+    # given: the wrapper takes the endpoint's module globals, so they find the endpoint's names.
+    rebuilt = types.FunctionType(
+        wrapper.__code__, endpoint.__globals__, wrapper.__name__, wrapper.__defaults__, wrapper.__closure__
+    )
+    return cast(_Endpoint, functools.wraps(endpoint)(rebuilt))
