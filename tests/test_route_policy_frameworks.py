@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any, cast
 
 import django
+import httpx
 import pytest
 from blacksheep import Application
 from blacksheep import Request as BlackSheepRequest
@@ -24,7 +25,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.urls import clear_url_caches, path
 from django.views.decorators.csrf import csrf_exempt
-from quart import Quart, request
+from quart import Quart, request, websocket
 from rodi import Container
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, SADeprecationWarning
@@ -34,7 +35,15 @@ from starlette.requests import Request as StarletteRequest
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from asgi_db_session import Database, DBSessionMiddleware, NoSessionError, current_session, session_policy
+from asgi_db_session import (
+    Database,
+    DBSessionMiddleware,
+    NoSessionError,
+    current_session,
+    session_policy,
+    session_scope,
+)
+from asgi_db_session._routes import route_template
 from asgi_db_session._types import ASGIApp, Receive, Scope, Send
 
 from .conftest import Backend, client
@@ -245,7 +254,7 @@ def quart_app() -> ASGIApp:
 
     @app.before_request
     async def open_early() -> None:
-        if request.path == "/early":
+        if request.path in ("/early", "/missing"):
             current_session()  # created by a hook, before the endpoint runs (Quart has routed already)
 
     @app.get("/early")
@@ -264,6 +273,32 @@ async def test_quart_reads_the_endpoint_from_its_own_context(database: Database)
     async with client(DBSessionMiddleware(quart_app(), database=database)) as http:
         assert (await http.get("/above")).text == "on"
         assert (await http.get("/early")).text == "on"
+        # No rule matched: the hook's session gets the middleware's policy, and Quart answers 404.
+        assert (await http.get("/missing")).status_code == 404
+
+
+async def test_quart_websockets_take_the_marker_too(database: Database) -> None:
+    app = Quart(__name__)
+
+    @session_policy(session=False)  # above: read from Quart's websocket context, not through the wrapper
+    @app.websocket("/ws")
+    async def no_database() -> None:
+        await websocket.send(await ask_for_a_session())
+
+    # Quart's own way to add an ASGI middleware; its test client (httpx has no WebSocket) calls asgi_app.
+    app.asgi_app = DBSessionMiddleware(cast(ASGIApp, app.asgi_app), database=database)  # type: ignore[method-assign,assignment]
+    async with app.test_client().websocket("/ws") as connection:
+        assert "no_database is marked session_policy(session=False)" in await connection.receive()
+
+
+@session_policy(read_only=True)
+async def marked_helper() -> str:
+    return str(await current_session().scalar(text("SHOW transaction_read_only")))
+
+
+async def test_a_marked_function_called_outside_a_request_changes_nothing(database: Database) -> None:
+    async with session_scope():
+        assert await marked_helper() == "off"
 
 
 # ---- BlackSheep: the matched route is kept on neither the request nor the scope ----------------------------
@@ -385,6 +420,20 @@ async def test_django(
     django_app: ASGIApp, backend: Backend, database: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     await check_app(django_app, backend, database, caplog, route="items/<int:item_id>")
+
+
+async def test_django_routes_are_resolved_without_the_root_path(
+    django_app: ASGIApp, database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrapped = DBSessionMiddleware(django_app, database=database, warn_over_queries=2)
+    transport = httpx.ASGITransport(app=wrapped, root_path="/app")
+    with caplog.at_level(logging.WARNING, logger="asgi_db_session"):
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            assert (await http.get("/app/items/7")).text == "3"
+    [warning] = [record.getMessage() for record in caplog.records]
+    assert "GET items/<int:item_id> ran 3 statements" in warning
+    # A path Django does not resolve is named as it is.
+    assert route_template({"type": "http", "path": "/nowhere", "root_path": ""}) == "/nowhere"
 
 
 async def test_django_sync_views_take_the_marker_too(django_app: ASGIApp, database: Database) -> None:
