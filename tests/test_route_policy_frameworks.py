@@ -111,9 +111,9 @@ async def check_app(
     assert refused.text == "on, refused: SQLSTATE 25006"  # read_only_sql_transaction
     assert added.status_code in (200, 201), added.text
     assert await backend.names() == ["kept"]  # committed by the route's own policy
-    warnings = [record.getMessage() for record in caplog.records]
-    assert len(warnings) == 1, warnings
-    assert f"GET {route} ran 3 statements" in warnings[0]
+    logged = [record.getMessage() for record in caplog.records]
+    assert len(logged) == 1, logged
+    assert f"GET {route} ran 3 statements" in logged[0]
 
 
 # ---- raw ASGI: no router; the marked function is called ------------------------------------------------------
