@@ -14,15 +14,16 @@ results").
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
+from ._routes import SessionPolicy, policy_of
 from ._session import finish
 from ._types import Scope
-from .exceptions import NO_SCOPE, NO_SESSION_ROUTE, SCOPE_ENDED, NoSessionError
-from .route_policy import _policy_of
+from .exceptions import NO_SCOPE, NO_SESSION_ROUTE, POLICY_TOO_LATE, SCOPE_ENDED, NoSessionError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from .database import Database
 
 _vars: dict[str, ContextVar[ScopeState | None]] = {}
+_logger = logging.getLogger("asgi_db_session")
 
 
 def scope_var(name: str) -> ContextVar[ScopeState | None]:
@@ -60,6 +62,10 @@ class ScopeState:
     outer: ScopeState | None = None
     # The endpoint marked session_policy(session=False), if this request's is.
     forbidden_by: str | None = None
+    # A request's scope (DBSessionMiddleware's subclass): an endpoint called in it may bring its policy.
+    in_request = False
+    # The endpoint's session_policy this request follows, once taken.
+    route_policy: SessionPolicy | None = None
     # Set when a session of this scope, or of a scope opened in it, wrote (databases with replicas only):
     # reads that follow in the same request then stay on the primary, which a replica may lag behind.
     wrote = False
@@ -97,17 +103,40 @@ class ScopeState:
 
         Done when the session is created (in the endpoint or below it), not when the request starts: the
         middleware runs before the router. A session made before routing (by a middleware inside this one)
-        gets the middleware's policy.
+        gets the middleware's policy, but for ``commit_on_success`` when the endpoint is called (``follow()``).
         """
         asgi_scope, self.asgi_scope = self.asgi_scope, None
-        policy = None if asgi_scope is None else _policy_of(asgi_scope)
-        if policy is None:
-            return
+        policy = None if asgi_scope is None else policy_of(asgi_scope)
+        if policy is not None:
+            self.take(policy)
+
+    def take(self, policy: SessionPolicy) -> None:
+        """Follow ``policy`` from now on; the session is not created yet."""
+        self.route_policy = policy
         if not policy.session:
             self.forbidden_by = policy.endpoint
         if policy.commit_on_success is not None:
             self.commit_on_success = policy.commit_on_success
         self.read_only = policy.read_only
+
+    def follow(self, policy: SessionPolicy) -> None:
+        """The request's endpoint, marked with ``policy``, is being called: follow it where still possible."""
+        if self.route_policy is not None or self.ended:
+            # Taken already: from the scope when the session was created, or from the endpoint the framework
+            # called first (a marked function that it calls in turn does not change the request's policy).
+            return
+        if self.session is None:
+            self.asgi_scope = None
+            self.take(policy)
+            return
+        # Created before the endpoint ran (by a middleware, a hook or a dependency that its framework runs
+        # first): the session keeps its transaction. Only the commit, decided at the end, can still follow.
+        self.route_policy = policy
+        if policy.commit_on_success is not None:
+            self.commit_on_success = policy.commit_on_success
+        if not policy.session or policy.read_only != self.read_only:
+            asked = "session=False" if not policy.session else f"read_only={policy.read_only}"
+            _logger.warning(POLICY_TOO_LATE.format(name=self.database.name, endpoint=policy.endpoint, asked=asked))
 
     def after_write(self) -> bool:
         """Whether this scope, or a scope it was opened in, has written: a read must then see the primary."""
@@ -135,6 +164,16 @@ class ScopeState:
 def _has_written(session: AsyncSession | None) -> bool:
     # Only a WriteTrackingSession (databases with replicas) notes its writes; any other never says so.
     return session is not None and getattr(session.sync_session, "_wrote", False)
+
+
+def follow_route_policy(policy: SessionPolicy) -> None:
+    """Make the current request (on every database) follow the session_policy of the endpoint being called."""
+    for var in _vars.values():
+        state = var.get()
+        while state is not None and not state.in_request:
+            state = state.outer
+        if state is not None:
+            state.follow(policy)
 
 
 def current_session(name: str = "default") -> AsyncSession:

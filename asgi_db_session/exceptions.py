@@ -74,6 +74,7 @@ __all__ = [
     "ON_COMMIT_NEEDS_GUARDED_SESSION",
     "OWN_EVENT_LOOP",
     "POLICY_CANNOT_MARK",
+    "POLICY_TOO_LATE",
     "POLICY_WITHOUT_SESSION",
     "REPLAY_BODY_SIZE",
     "REPLICAS_AS_STRING",
@@ -237,6 +238,12 @@ POLICY_WITHOUT_SESSION = "session_policy(session=False) takes no read_only= or c
 POLICY_CANNOT_MARK = (
     "session_policy() cannot mark {name}: it takes no attributes (a bound method or a functools.partial?). "
     "Mark the function itself, or the HTTPEndpoint class."
+)
+POLICY_TOO_LATE = (
+    "The session of database {name!r} was created before the endpoint {endpoint}, marked "
+    "session_policy({asked}), was called (by a middleware, a hook or a dependency its framework runs first): "
+    "it keeps the middleware's policy. Create it in the endpoint (call current_session() there or below), "
+    "or see docs/how-to/route-policy-frameworks.md for where your framework reads the marker."
 )
 NOT_COUNTING = (
     "Queries of database {name!r} are not being counted here: query_stats() works inside a request of a "

@@ -83,6 +83,8 @@ def _with_server_timing(send: Send, stats: QueryStats, name: str) -> Send:
 class _RequestState(ScopeState):
     """A request's scope, plus what its messages said so far (class-level defaults until they change)."""
 
+    in_request = True
+
     started = False  # the response (or the WebSocket) got going: an error can no longer be answered
     # The response went out whole (its last body message), or the WebSocket was accepted: its work may be
     # committed at the end. A streaming body that a framework stopped when its client left (Starlette does,

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, ExecutionContext
 
+from ._routes import route_template
 from ._types import Scope
 from .exceptions import NOT_COUNTING, UsageError
 
@@ -107,13 +108,6 @@ def _charge(var: ContextVar[QueryStats | None], context: Any) -> None:
         setattr(context, _STARTED, None)
 
 
-def _route_name(scope: Scope) -> str:
-    """The route's path template where the router left one (``/notes/{id}``), else the request path."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    return path if isinstance(path, str) else str(scope.get("path", "?"))
-
-
 def _warn_if_over(scope: Scope, name: str, stats: QueryStats, limit: int) -> None:
     """Log a warning naming the route when one request ran more than ``limit`` statements."""
     if stats.statements > limit:
@@ -121,7 +115,7 @@ def _warn_if_over(scope: Scope, name: str, stats: QueryStats, limit: int) -> Non
             "%s %s ran %d statements on database %r (more than %d): an N+1 query pattern? "
             "Load related rows together (selectinload, a join) instead of one query per row.",
             scope.get("method", "WEBSOCKET"),
-            _route_name(scope),
+            route_template(scope),
             stats.statements,
             name,
             limit,

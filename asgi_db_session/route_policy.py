@@ -1,18 +1,25 @@
 """session_policy(): what one endpoint's requests do with their session, overriding the middleware.
 
-The marker is an attribute on the endpoint. The middleware runs before the router, so it cannot know the
-endpoint when the request starts; the session is lazy, though, and is created in the endpoint or below it,
-after the router has put the endpoint into the ASGI scope (``scope["endpoint"]``, Starlette and FastAPI
-alike). The policy is read there, once, when the session is created.
+The middleware runs before the router, so it cannot know the endpoint when the request starts; the session is
+lazy, though, and is created in the endpoint or below it. Two ways bring the endpoint's policy to it:
+
+- where the framework names the endpoint in the ASGI scope, or in a context of its own (Starlette, FastAPI,
+  Litestar, Quart; see _routes), the policy is read from there when the session is created, and so also
+  applies to sessions made by the endpoint's dependencies, which these frameworks run after routing;
+- everywhere, a marked function is wrapped: when it is called, the request takes its policy, if the
+  session is not created yet (BlackSheep, Django, raw ASGI apps).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import types
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from ._types import Scope
+from ._context import follow_route_policy
+from ._routes import POLICY_ATTRIBUTE, SessionPolicy
 from .exceptions import POLICY_CANNOT_MARK, POLICY_WITHOUT_SESSION
 
 __all__ = [
@@ -21,18 +28,6 @@ __all__ = [
 
 
 _Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
-
-_ATTRIBUTE = "__asgi_db_session_policy__"
-
-
-@dataclass(frozen=True, slots=True)
-class _SessionPolicy:
-    """An endpoint's own session policy; see ``session_policy``."""
-
-    session: bool = True
-    read_only: bool = False
-    commit_on_success: bool | None = None
-    endpoint: str = "?"
 
 
 def session_policy(
@@ -46,24 +41,55 @@ def session_policy(
       do not enforce it), on a replica when the database has replicas.
     - ``commit_on_success=True`` or ``False``: overrides the middleware's ``commit_on_success``.
 
-    Works above or below ``@app.get(...)``: it marks the function itself and returns it unchanged.
+    On Starlette, FastAPI and Litestar it works above or below the route decorator; on other frameworks put it
+    directly on the function (below the route decorator), as it returns a wrapper that applies the policy when
+    the endpoint is called (docs/how-to/route-policy-frameworks.md).
     """
     if not session and (read_only or commit_on_success is not None):
         raise ValueError(POLICY_WITHOUT_SESSION)
 
     def mark(endpoint: _Endpoint) -> _Endpoint:
         name = getattr(endpoint, "__qualname__", None) or repr(endpoint)
-        policy = _SessionPolicy(session, read_only, commit_on_success, name)
+        policy = SessionPolicy(session, read_only, commit_on_success, name)
         try:
-            setattr(endpoint, _ATTRIBUTE, policy)
+            setattr(endpoint, POLICY_ATTRIBUTE, policy)
         except AttributeError:
             raise TypeError(POLICY_CANNOT_MARK.format(name=name)) from None
-        return endpoint
+        return _following(endpoint, policy)
 
     return mark
 
 
-def _policy_of(scope: Scope) -> _SessionPolicy | None:
-    """The policy of the endpoint the router chose for this request, if it has one."""
-    endpoint = scope.get("endpoint")
-    return None if endpoint is None else getattr(endpoint, _ATTRIBUTE, None)
+def _following(endpoint: _Endpoint, policy: SessionPolicy) -> _Endpoint:
+    """``endpoint``, wrapped to hand its policy to the request when called; a class or a generator unchanged.
+
+    functools.wraps copies the marker (the function's __dict__) and keeps the signature that frameworks read
+    for their dependencies and parameters (through __wrapped__); the wrapper is async when the endpoint is,
+    as frameworks decide from that whether to await it or run it in a thread.
+    """
+    follow = follow_route_policy  # a closure variable, not a global: the wrapper runs in the endpoint's globals
+    if inspect.iscoroutinefunction(endpoint):
+
+        async def following_async(*args: Any, **kwargs: Any) -> Any:
+            follow(policy)
+            return await endpoint(*args, **kwargs)
+
+        wrapper: Callable[..., Any] = following_async
+    elif inspect.isfunction(endpoint) and not (
+        inspect.isgeneratorfunction(endpoint) or inspect.isasyncgenfunction(endpoint)
+    ):
+
+        def following(*args: Any, **kwargs: Any) -> Any:
+            follow(policy)
+            return endpoint(*args, **kwargs)
+
+        wrapper = following
+    else:
+        return endpoint
+    # A string annotation (from __future__ import annotations) is resolved in the function's __globals__, and
+    # some frameworks (FastAPI before it unwrapped, 0.110 among them) read those of the function they were
+    # given: the wrapper takes the endpoint's module globals, so they find the endpoint's names.
+    rebuilt = types.FunctionType(
+        wrapper.__code__, endpoint.__globals__, wrapper.__name__, wrapper.__defaults__, wrapper.__closure__
+    )
+    return cast(_Endpoint, functools.wraps(endpoint)(rebuilt))

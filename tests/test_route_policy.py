@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -216,3 +217,17 @@ async def test_fastapi_routes_take_the_marker_too(backend: Backend, database: Da
         assert (await http.get("/read")).json() == "on"
         assert (await http.post("/add")).status_code == 201
     assert await backend.names() == ["fastapi"]
+
+
+@session_policy(read_only=True)
+async def annotated(request: Request) -> Response:
+    return PlainTextResponse("")
+
+
+def test_the_wrapper_resolves_annotations_in_the_endpoints_module() -> None:
+    # How FastAPI 0.110 resolves a string annotation: in the __globals__ of the function it was given, which
+    # for the wrapper session_policy() returns must be the endpoint's module.
+    annotation = inspect.signature(annotated).parameters["request"].annotation
+    assert annotation == "Request"
+    assert eval(annotation, annotated.__globals__) is Request
+    assert annotated.__wrapped__.__name__ == "annotated"  # type: ignore[attr-defined]
