@@ -44,7 +44,7 @@ from asgi_db_session import (
     session_scope,
 )
 from asgi_db_session._routes import route_template
-from asgi_db_session._types import ASGIApp, Receive, Scope, Send
+from asgi_db_session._types import AnyASGIApp, ASGIApp, Receive, Scope, Send
 
 from .conftest import Backend, client
 from .models import TABLE, Item
@@ -368,7 +368,7 @@ async def test_blacksheep_services_are_built_before_the_policy_is_known(
 
 
 @pytest.fixture
-def django_app() -> Iterator[ASGIApp]:
+def django_app() -> Iterator[AnyASGIApp]:
     if not settings.configured:
         settings.configure(ALLOWED_HOSTS=["testserver"], ROOT_URLCONF=__name__, MIDDLEWARE=[])
         django.setup()
@@ -417,13 +417,13 @@ def django_app() -> Iterator[ASGIApp]:
 
 
 async def test_django(
-    django_app: ASGIApp, backend: Backend, database: Database, caplog: pytest.LogCaptureFixture
+    django_app: AnyASGIApp, backend: Backend, database: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     await check_app(django_app, backend, database, caplog, route="items/<int:item_id>")
 
 
 async def test_django_routes_are_resolved_without_the_root_path(
-    django_app: ASGIApp, database: Database, caplog: pytest.LogCaptureFixture
+    django_app: AnyASGIApp, database: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     wrapped = DBSessionMiddleware(django_app, database=database, warn_over_queries=2)
     transport = httpx.ASGITransport(app=wrapped, root_path="/app")
@@ -436,7 +436,7 @@ async def test_django_routes_are_resolved_without_the_root_path(
     assert route_template({"type": "http", "path": "/nowhere", "root_path": ""}) == "/nowhere"
 
 
-async def test_django_sync_views_take_the_marker_too(django_app: ASGIApp, database: Database) -> None:
+async def test_django_sync_views_take_the_marker_too(django_app: AnyASGIApp, database: Database) -> None:
     async with client(DBSessionMiddleware(django_app, database=database)) as http:
         assert "sync_no_database is marked session_policy(session=False)" in (await http.get("/sync-none")).text
 

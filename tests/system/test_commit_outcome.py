@@ -112,8 +112,9 @@ class Proxied:
             application_name=f"adbs-outcome-{uuid.uuid4().hex[:8]}",
             commit_outcome_timeout=OUTCOME_TIMEOUT,
             commit_outcome_check=check,
-            **({} if command_timeout is None else {"command_timeout": command_timeout}),
         )
+        if command_timeout is not None:
+            settings = settings.model_copy(update={"command_timeout": command_timeout})
         database = Database(settings=settings, name=f"outcome-{uuid.uuid4().hex[:8]}")
         self.made.append(database)
         return database
