@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from asgi_db_session import Database, DatabaseSettings, DatabaseUnavailableError, DBSessionMiddleware, current_session
 from asgi_db_session._urls import redact_url, to_async_url
+from asgi_db_session.settings import DEFAULT_COMMAND_TIMEOUT
 
 from .conftest import DEFAULT_BOUNDS, PG_URL, client
 
@@ -169,7 +170,7 @@ def test_several_hosts_and_their_target_session_attrs_reach_asyncpg() -> None:
     engine = create_async_engine(settings.engine_url(), **settings.engine_options())
     _, args = engine.dialect.create_connect_args(engine.url)
     assert (args["host"], args["port"], args["target_session_attrs"]) == (["db1", "db2"], [5432, 5433], "read-write")
-    assert settings.engine_options()["connect_args"] == {"timeout": 2.0}
+    assert settings.engine_options()["connect_args"] == {"timeout": 2.0, "command_timeout": DEFAULT_COMMAND_TIMEOUT}
 
 
 async def test_a_numeric_parameter_in_the_url_connects(postgresql_dsn: str) -> None:

@@ -39,7 +39,11 @@ class PrefixRouter:
         answers = asyncio.Queue[tuple[str, Message]]()
 
         async def run(prefix: str, app: ASGIApp) -> None:
+            shut_down = False
+
             async def answer(message: Message) -> None:
+                nonlocal shut_down
+                shut_down = shut_down or message["type"].startswith("lifespan.shutdown.")
                 await answers.put((prefix, message))
 
             # A lifespan that ends before it has answered must not leave the server waiting: its end is its answer.
@@ -48,7 +52,10 @@ class PrefixRouter:
             except Exception as exc:
                 await answers.put((prefix, {"type": "raised", "message": repr(exc)}))
             else:
-                await answers.put((prefix, {"type": "returned", "message": "the lifespan returned unanswered"}))
+                # Returning after its shutdown answer is the protocol's end; counted as another answer, it would be
+                # taken for a slower app's.
+                if not shut_down:
+                    await answers.put((prefix, {"type": "returned", "message": "the lifespan returned unanswered"}))
 
         tasks = [asyncio.create_task(run(prefix, app)) for prefix, app in self.apps.items()]
         try:
