@@ -145,6 +145,11 @@ async def _returning(value: T) -> T:
     return value
 
 
+async def _resumed(work: Coroutine[Any, Any, T], waiting_on: Any) -> T:
+    # A coroutine for the task: Python 3.12 and newer take no generator-based coroutine as a task's.
+    return await _resume(work, waiting_on)
+
+
 def shielded_starting_now(work: Coroutine[Any, Any, T]) -> Awaitable[T]:
     """``shielded(work)``, whose first step runs at once, in the caller's task, instead of a turn of the loop later.
 
@@ -161,5 +166,5 @@ def shielded_starting_now(work: Coroutine[Any, Any, T]) -> Awaitable[T]:
         waiting_on = context.run(work.send, None)
     except StopIteration as stop:
         return _returning(stop.value)
-    task = asyncio.get_running_loop().create_task(_resume(work, waiting_on), context=context)
+    task = asyncio.get_running_loop().create_task(_resumed(work, waiting_on), context=context)
     return _wait_for(task)
