@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from sqlalchemy import event, text
@@ -41,6 +40,7 @@ from asgi_db_session.error_responses import OUTCOME_UNKNOWN
 from asgi_db_session.exceptions import CLEANUP_TIMED_OUT
 
 from ..conftest import PG_URL
+from .backends import backends_of
 from .server import Server, drop_table, free_port, fresh_table, serve, uvicorn_command
 from .tcp_proxy import Fault, TcpProxy
 
@@ -277,17 +277,6 @@ async def test_requests_during_a_fault_get_503_in_bounded_time(
         assert {outcome.status for outcome in since_heal[first:]} == {200}, (client, since_heal)
 
 
-async def backend_count(dsn: str, application_name: str) -> int:
-    connection = await asyncpg.connect(dsn)
-    try:
-        count: int = await connection.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", application_name
-        )
-        return count
-    finally:
-        await connection.close()
-
-
 class AppFailed(Exception):
     pass
 
@@ -321,10 +310,10 @@ async def test_a_cleanup_without_answer_discards_its_connection(
             assert pool.checkedout() == 0
             assert len(invalidated) == 1
             if fault is Fault.BLACKHOLE:
-                assert await backend_count(postgresql_dsn, application_name) == 1  # the fault keeps the close from it
+                assert await backends_of(postgresql_dsn, application_name) == 1  # the fault keeps the close from it
                 proxy.heal()
             deadline = time.monotonic() + 5
-            while await backend_count(postgresql_dsn, application_name) != 0:
+            while await backends_of(postgresql_dsn, application_name) != 0:
                 assert time.monotonic() < deadline, "the discarded connection's backend is still there"
                 await asyncio.sleep(0.05)
             proxy.heal()

@@ -40,6 +40,7 @@ from asgi_db_session._types import ASGIApp
 from ..asgi import Channel
 from ..conftest import client
 from ..models import TABLE, Item
+from .backends import backends_of
 from .pg_replica import READERS, ReplicaSet, pg_replica_set
 
 __all__ = ["pg_replica_set"]  # the session fixture, imported so that pytest finds it for this module
@@ -125,17 +126,6 @@ async def rows_on_primary(replicas: ReplicaSet) -> int:
     connection = await asyncpg.connect(replicas.primary.dsn)
     try:
         count: int = await connection.fetchval(f"SELECT count(*) FROM {TABLE}")
-        return count
-    finally:
-        await connection.close()
-
-
-async def backends_of(dsn: str, application_name: str) -> int:
-    connection = await asyncpg.connect(dsn)
-    try:
-        count: int = await connection.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", application_name
-        )
         return count
     finally:
         await connection.close()

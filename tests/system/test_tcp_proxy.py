@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import pytest
 
+from .backends import backends_of
 from .tcp_proxy import Action, Fault, ProxyConnection, TcpProxy
 
 pytestmark = pytest.mark.anyio
@@ -59,17 +60,6 @@ async def names(dsn: str) -> list[str]:
         await connection.close()
 
 
-async def backend_count(dsn: str, application_name: str) -> int:
-    connection = await asyncpg.connect(dsn)
-    try:
-        count: int = await connection.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", application_name
-        )
-        return count
-    finally:
-        await connection.close()
-
-
 async def poll(check: Callable[[], Awaitable[bool]], seconds: float = 5) -> None:
     """Wait until ``check()`` is true (a generous deadline: the machine may be loaded)."""
     deadline = time.monotonic() + seconds
@@ -96,7 +86,7 @@ async def test_blackhole_keeps_sockets_open_and_drops_bytes(postgresql_dsn: str)
     application_name = new_application_name()
 
     async def backends_gone() -> bool:
-        return await backend_count(postgresql_dsn, application_name) == 0
+        return await backends_of(postgresql_dsn, application_name) == 0
 
     async with TcpProxy() as proxy:
         connection = await connect(postgresql_dsn, proxy, application_name)
@@ -109,7 +99,7 @@ async def test_blackhole_keeps_sockets_open_and_drops_bytes(postgresql_dsn: str)
         connection.terminate()
         await asyncio.sleep(0.1)
         # The client's close is kept from the server too: its backend stays, until the fault ends.
-        assert await backend_count(postgresql_dsn, application_name) == 1
+        assert await backends_of(postgresql_dsn, application_name) == 1
         proxy.heal()
         await poll(backends_gone)
         connection = await connect(postgresql_dsn, proxy)
@@ -177,7 +167,7 @@ async def test_client_data_hook(table: str, action: Action, stored: list[str]) -
 
     async def backend_gone() -> bool:
         # Once the server has read the statement (or not) and then the end of the stream.
-        return await backend_count(table, application_name) == 0
+        return await backends_of(table, application_name) == 0
 
     async with TcpProxy(on_client_data=on_client_data) as proxy:
         connection = await connect(table, proxy, application_name)
