@@ -45,6 +45,42 @@ def check_tools() -> str | None:
     return None
 
 
+def uvicorn_command(port: int) -> list[str]:
+    """The server every HTTP measurement runs: uvicorn on ``benchmarks.server:create_app`` (BENCH_APP in the
+    environment names the app), one worker, uvloop and httptools where installed, no access log."""
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "benchmarks.server:create_app",
+        "--app-dir",
+        str(ROOT),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--lifespan",
+        "on",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    try:
+        import uvloop  # noqa: F401
+
+        command += ["--loop", "uvloop"]
+    except ImportError:
+        pass
+    try:
+        import httptools  # noqa: F401
+
+        command += ["--http", "httptools"]
+    except ImportError:
+        pass
+    return command
+
+
 def _lua(paths: list[str]) -> str:
     """A wrk script that cycles through ``paths`` with each route's method."""
     entries = ", ".join(f'{{"{METHODS.get(path, "GET")}", "{path}"}}' for path in paths)
@@ -97,36 +133,7 @@ class HttpTarget:
             "BENCH_INSERT_BASE": str(INSERT_FIRST_ID + HttpTarget._starts * _ID_RANGE),
             "PYTHONWARNINGS": "ignore",
         }
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "benchmarks.server:create_app",
-            "--app-dir",
-            str(ROOT),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--lifespan",
-            "on",
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ]
-        try:
-            import uvloop  # noqa: F401
-
-            command += ["--loop", "uvloop"]
-        except ImportError:
-            pass
-        try:
-            import httptools  # noqa: F401
-
-            command += ["--http", "httptools"]
-        except ImportError:
-            pass
+        command = uvicorn_command(self.port)
         with self.log.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
                 *command, cwd=ROOT, env=env, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL

@@ -137,9 +137,14 @@ def callgrind_ir(job: Job, loop: str, concurrency: int, keep_alive: bool, workdi
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{job}: exit {result.returncode}: {result.stderr.strip()[-2000:]}")
+    return callgrind_total(out, str(job))
+
+
+def callgrind_total(out: Path, what: str) -> int:
+    """The instructions (Ir) a callgrind output file counts in all."""
     match = _TOTALS.search(out.read_bytes())
     if match is None:
-        raise RuntimeError(f"{job}: no totals line in {out}")
+        raise RuntimeError(f"{what}: no totals line in {out}")
     return int(match.group(1))
 
 

@@ -2,6 +2,8 @@
 
 The app is chosen by ``BENCH_APP``; the engine settings come from ``BENCH_*`` variables (see
 ``EngineSettings.from_env``), and ``BENCH_INSERT_BASE`` gives this server's /insert ids their own range.
+``BENCH_CLEANUP_TIMEOUT`` replaces asgi_db_session's default cleanup bound for apps given an engine (which read
+no DATABASE_* setting): under callgrind (``http_instructions.py``) every wait is ~50 times longer.
 """
 
 from __future__ import annotations
@@ -18,4 +20,10 @@ def create_app() -> ASGIApp:
     key = os.environ.get("BENCH_APP", "")
     if key not in APPS:
         raise SystemExit(f"BENCH_APP={key!r} is not one of {', '.join(APPS)}")
+    cleanup_timeout = os.environ.get("BENCH_CLEANUP_TIMEOUT")
+    if cleanup_timeout is not None:
+        from asgi_db_session import database
+
+        # Read by each Database made from an engine (its module's own binding of the name).
+        setattr(database, "DEFAULT_CLEANUP_TIMEOUT", float(cleanup_timeout))  # noqa: B010
     return APPS[key].build(EngineSettings.from_env())

@@ -1,0 +1,282 @@
+"""Instructions per request of a real server: uvicorn under callgrind, loaded over HTTP at a concurrency.
+
+``python benchmarks/http_instructions.py [--apps ...] [--routes ...] [--concurrency 32] [--small K1] [--large K2]``
+
+Throughput over HTTP on a small machine moves by tens of per cent from round to round (wrk, the server and
+PostgreSQL share the cores), which hides the few per cent that separate the apps. Here the server process
+(uvicorn, one worker, uvloop and httptools, exactly as ``run.py --http`` starts it) runs under
+``valgrind --tool=callgrind``, and this process sends it K requests over ``--concurrency`` keep-alive
+connections, then stops it (SIGINT: lifespan shutdown, engine disposed). A second server gets K2 requests; both
+pay the same start-up, the same connections and the same shutdown, so
+
+    instructions per request = (Ir(K2) - Ir(K1)) / (K2 - K1)
+
+is what one request costs the server: HTTP parsing, the event loop, the app, the driver. The client's work is
+not counted. Under callgrind the server is slower than the client, so requests queue on its connections and
+the figure is that of a busy server, the case where the overhead matters.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if not __package__:
+    _here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if not p or str(Path(p).resolve()) != _here]
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.apps import APPS, BARE, FLOORS, HANDWRITTEN, OURS
+from benchmarks.common import (
+    EXPECTED_BODY,
+    INSERT_FIRST_ID,
+    METHODS,
+    NO_QUERY_ROUTES,
+    NODB_ROUTE,
+    ROUTES,
+    EngineSettings,
+    clean_inserted,
+    database_url,
+    git_state,
+    prepare_table,
+)
+from benchmarks.http_load import uvicorn_command
+from benchmarks.instructions import baseline_for, callgrind_total, pairs, render
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_APPS = (BARE, *FLOORS, HANDWRITTEN, OURS)
+DEFAULT_ROUTES = (NODB_ROUTE, "/read")
+# Each server gets its own /insert id range, so that two servers running side by side never collide.
+_ID_STRIDE = 1_000_000
+# Under callgrind, imports and the first requests run some fifty times slower than natively.
+_START_LIMIT = 600.0
+
+
+@dataclass(frozen=True)
+class Job:
+    app: str
+    route: str
+    requests: int
+    repeat: int
+    port: int
+    insert_base: int
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-1500:]
+
+
+async def _wait_listening(port: int, process: asyncio.subprocess.Process, log: Path) -> None:
+    """Until the server accepts connections; no request is sent, so none is counted before the load."""
+    deadline = time.monotonic() + _START_LIMIT
+    while True:
+        if process.returncode is not None:
+            raise RuntimeError(f"uvicorn exited ({process.returncode}): {_tail(log)}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not listen within {_START_LIMIT:.0f}s") from None
+            await asyncio.sleep(0.5)
+        else:
+            writer.close()
+            await writer.wait_closed()
+            return
+
+
+async def _load(port: int, route: str, requests: int, concurrency: int) -> None:
+    """``requests`` requests on ``concurrency`` keep-alive connections, each response checked."""
+    import httpx
+
+    method = METHODS.get(route, "GET")
+    expected = EXPECTED_BODY[route]
+    remaining = iter(range(requests))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=_START_LIMIT) as client:
+
+        async def worker() -> None:
+            for _ in remaining:
+                response = await client.request(method, route)
+                if response.status_code != 200 or response.content != expected:
+                    raise RuntimeError(f"{route}: status {response.status_code}, body {response.content[:200]!r}")
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def _measure(job: Job, settings: EngineSettings, concurrency: int, workdir: Path) -> int:
+    """Instructions the server executed from its start to its exit, serving ``job.requests`` requests."""
+    out = workdir / f"callgrind.{job.app}.{job.route.strip('/')}.{job.requests}.{job.repeat}.out"
+    log = workdir / f"server.{job.app}.{job.route.strip('/')}.{job.requests}.{job.repeat}.log"
+    env = {
+        **os.environ,
+        **settings.to_env(),
+        "BENCH_APP": job.app,
+        "BENCH_INSERT_BASE": str(job.insert_base),
+        # A fixed hash seed makes dict and set layouts, and so the instruction counts, repeatable.
+        "PYTHONHASHSEED": "0",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONWARNINGS": "ignore",
+        # Every wait that is bounded in real time is ~50 times longer under callgrind: a rollback after the
+        # response would outlast the cleanup's bound, a request behind it the pool's, and each would end in
+        # an error instead of a count.
+        "BENCH_CLEANUP_TIMEOUT": str(_START_LIMIT),
+    }
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *uvicorn_command(job.port)]
+    with log.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            *command, cwd=ROOT, env=env, stdout=log_file, stderr=log_file, stdin=asyncio.subprocess.DEVNULL
+        )
+    try:
+        await _wait_listening(job.port, process, log)
+        await _load(job.port, job.route, job.requests, concurrency)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(process.wait(), _START_LIMIT)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+    if process.returncode != 0:
+        raise RuntimeError(f"{job}: uvicorn exited {process.returncode}: {_tail(log)}")
+    return callgrind_total(out, str(job))
+
+
+async def _run_all(
+    jobs: Sequence[Job], settings: EngineSettings, concurrency: int, parallel: int, workdir: Path
+) -> tuple[dict[Job, int], dict[tuple[str, str], str]]:
+    gate = asyncio.Semaphore(max(1, parallel))
+    counts: dict[Job, int] = {}
+    failures: dict[tuple[str, str], str] = {}
+
+    async def one(job: Job) -> None:
+        async with gate:
+            try:
+                counts[job] = await _measure(job, settings, concurrency, workdir)
+            except Exception as exc:
+                failures[(job.app, job.route)] = str(exc)
+            else:
+                print(
+                    f"  {job.app} {job.route} x{job.requests} #{job.repeat + 1}: {counts[job]:,} Ir",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    await asyncio.gather(*(one(job) for job in jobs))
+    return counts, failures
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Instructions per request (callgrind) of uvicorn serving each app over HTTP.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--apps", default=",".join(DEFAULT_APPS), help="comma-separated apps (see run.py --help)")
+    parser.add_argument(
+        "--routes", default=",".join(DEFAULT_ROUTES), help=f"comma-separated routes, of {', '.join(ROUTES)}"
+    )
+    parser.add_argument("--concurrency", type=int, default=32, help="keep-alive connections, and the pool size")
+    parser.add_argument("--small", type=int, default=300, help="requests to the first server (K1)")
+    parser.add_argument("--large", type=int, default=1500, help="requests to the second server (K2)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each (app, route); the table gives the median")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="servers under callgrind at once")
+    parser.add_argument("--port", type=int, default=18631, help="first port the servers listen on (127.0.0.1)")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "http-instructions.json", help="results file")
+    args = parser.parse_args(argv)
+    args.apps = [a.strip() for a in args.apps.split(",") if a.strip()]
+    args.routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    unknown = [a for a in args.apps if a not in APPS]
+    if unknown:
+        parser.error(f"unknown app(s) {', '.join(unknown)}; known: {', '.join(APPS)}")
+    bad_routes = [r for r in args.routes if r not in ROUTES]
+    if bad_routes:
+        parser.error(f"unknown route(s) {', '.join(bad_routes)}; known: {', '.join(ROUTES)}")
+    if not 0 < args.small < args.large:
+        parser.error("need 0 < --small < --large")
+    if args.repeat < 1 or args.concurrency < 1:
+        parser.error("--repeat and --concurrency must be at least 1")
+    needed = {baseline_for(route) for route in args.routes}
+    args.apps = [key for key in APPS if key in set(args.apps) | needed]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    todo = pairs(args.apps, args.routes)
+    jobs = [
+        Job(app, route, k, repeat, args.port + i, INSERT_FIRST_ID + _ID_STRIDE * (1 + i))
+        for i, (repeat, (app, route), k) in enumerate(
+            (repeat, pair, k) for repeat in range(args.repeat) for pair in todo for k in (args.small, args.large)
+        )
+    ]
+    settings = EngineSettings(url=database_url(), pool_size=args.concurrency, pool_timeout=_START_LIMIT)
+    querying = any(route not in NO_QUERY_ROUTES for route in args.routes)
+    if querying:
+        asyncio.run(prepare_table(settings.url))
+    workdir = Path(tempfile.mkdtemp(prefix="bench-http-callgrind-"))
+    started = time.perf_counter()
+    print(f"{len(jobs)} servers under callgrind, {args.jobs} at a time, in {workdir}", file=sys.stderr, flush=True)
+    counts, failures = asyncio.run(_run_all(jobs, settings, args.concurrency, args.jobs, workdir))
+    if querying:
+        asyncio.run(clean_inserted(settings.url))
+    if not failures:
+        shutil.rmtree(workdir, ignore_errors=True)
+    by_key = {(job.app, job.route, job.repeat, job.requests): ir for job, ir in counts.items()}
+    runs: dict[tuple[str, str], list[float]] = {}
+    for app, route in todo:
+        for repeat in range(args.repeat):
+            small, large = by_key.get((app, route, repeat, args.small)), by_key.get((app, route, repeat, args.large))
+            if small is not None and large is not None:
+                runs.setdefault((app, route), []).append((large - small) / (args.large - args.small))
+    per_request = {key: statistics.median(values) for key, values in runs.items()}
+    header = (
+        f"Instructions per request of the server (uvicorn under callgrind, (Ir(K2) - Ir(K1)) / (K2 - K1), "
+        f"K1={args.small}, K2={args.large}), {args.concurrency} keep-alive connections"
+        + (f", median of {args.repeat} runs" if args.repeat > 1 else "")
+        + f"; {time.perf_counter() - started:.0f}s"
+    )
+    text, rows = render(per_request, args.routes, header) if per_request else ("no results", [])
+    print(text)
+    for (app, route), reason in failures.items():
+        print(f"{app} {route}: n/a ({reason})")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "server": " ".join(uvicorn_command(0)[1:]).replace("--port 0 ", ""),
+        "small": args.small,
+        "large": args.large,
+        "concurrency": args.concurrency,
+        "git": git_state(),
+        "repeat": args.repeat,
+        "raw_ir": [
+            {"app": j.app, "route": j.route, "requests": j.requests, "repeat": j.repeat, "ir": ir}
+            for j, ir in counts.items()
+        ],
+        "runs": [{"app": app, "route": route, "instructions": values} for (app, route), values in runs.items()],
+        "per_request": rows,
+        "failures": {f"{app} {route}": reason for (app, route), reason in failures.items()},
+    }
+    args.output.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"results written to {args.output}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
