@@ -23,7 +23,7 @@ The load goes on until every client has had a success for a request sent after t
 - the statuses, by count (``500?``: the 500 that says the outcome of the COMMIT is unknown; ``none``: no answer
   within the client's timeout; ``error``: the connection failed);
 - of the requests sent during the fault: answered within the bound + 1 s, and left to the client's timeout;
-- how long after the heal every client had had a success again;
+- the answers to the requests sent after the heal, and how long after it every client had had a success again;
 - the app's backends still in a transaction, and its engine's checked-out connections (``GET /pool``), once the
   load has stopped and both are 0, or after ``--settle-seconds``;
 - every write by its answer, found in the table or not (read on a connection of this script's own, once the server
@@ -301,6 +301,8 @@ async def run_one(
         "no_answer": sum(o.answer == NO_ANSWER for o in during),
         "answers": dict(Counter(o.answer for o in during).most_common()),
     }
+    # Sent once the network was back: whether the app serves as before.
+    result["after_heal_answers"] = dict(Counter(o.answer for o in outcomes if o.started >= healed).most_common())
     errors = [o.error for o in outcomes if o.error]
     if errors:
         result["problems"].append(f"{len(errors)} connection errors, first: {errors[0]}")
