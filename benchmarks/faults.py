@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import math
 import sys
 import tempfile
@@ -333,26 +334,30 @@ def _writes_cell(writes: dict[str, dict[str, int]]) -> str:
     return ", ".join(parts)
 
 
+def _answers(answers: dict[str, int]) -> str:
+    return ", ".join(f"{answer}: {count}" for answer, count in answers.items())
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| fault | app | longest (s) | over bound + 1 s | answers | sent during the fault: in bound / no answer "
-        "| all served again after (s) | after: in transaction / checked out | writes present, by answer "
-        "| untrue: 2xx lost / 503 saved |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| fault | app | longest (s) | over bound + 1 s | answers | sent during the fault: answered in bound / no "
+        "answer | sent after the heal | all served again after (s) | after: in transaction / checked out "
+        "| writes present / answered, by answer | untrue: 2xx absent / 503 present |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "requests" not in r:
-            lines.append(f"| {r['fault']} | {r['app']} | n/a: {'; '.join(r['problems'])} |||||||")
+            lines.append(f"| {r['fault']} | {r['app']} | n/a: {'; '.join(r['problems'])} ||||||||")
             continue
         bound = f"none: {DEFAULT_BOUND:g} s" if r["bound_seconds"] is None else f"{r['bound_seconds']:g} s"
-        answers = ", ".join(f"{answer}: {count}" for answer, count in r["answers"].items())
         during = r["during"]
         recovered = r.get("recovered_after_seconds")
         after = r.get("after", {})
         out = after.get("checked_out")
         lines.append(
             f"| {r['fault']} | {r['app']} | {r['longest_seconds']:.1f} | {r['over_bound']} (bound {bound}) "
-            f"| {answers} | {during['answered_in_bound']} of {during['sent']} / {during['no_answer']} "
+            f"| {_answers(r['answers'])} | {during['answered_in_bound']} of {during['sent']} / {during['no_answer']} "
+            f"| {_answers(r.get('after_heal_answers', {}))} "
             f"| {'not within the run' if recovered is None else f'{recovered:.1f}'} "
             f"| {after.get('in_transaction', '?')} / {'?' if out is None else out} "
             f"| {_writes_cell(r['writes'])} | {r['untrue']['2xx_absent']} / {r['untrue']['503_present']} |"
@@ -401,6 +406,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--settle-seconds", type=float, default=8.0, help="longest wait for the app to be quiet")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "faults.json", help="results file")
+    parser.add_argument("--table", type=Path, help="only print the table of this results file")
     args = parser.parse_args(argv)
     unknown = [key for key in args.apps if key not in FAULT_APPS] + [f for f in args.faults if f not in FAULTS]
     if unknown:
@@ -466,7 +472,11 @@ async def amain(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return asyncio.run(amain(parse_args(argv)))
+    args = parse_args(argv)
+    if args.table is not None:
+        print(table(json.loads(args.table.read_text())["runs"]))
+        return 0
+    return asyncio.run(amain(args))
 
 
 if __name__ == "__main__":
