@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Column, Integer, MetaData, Table, Text, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -145,6 +145,12 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, **SESSION_OPTIONS)
 
 
+class InsertIds(Protocol):
+    """Where /insert takes the primary key of its row from."""
+
+    def next(self) -> int: ...
+
+
 class _Ids:
     """Unique primary keys for /insert; HTTP servers get a distinct start each, through BENCH_INSERT_BASE."""
 
@@ -155,7 +161,14 @@ class _Ids:
         return next(self._counter)
 
 
-_ids = _Ids()
+_ids: InsertIds = _Ids()
+
+
+def use_insert_ids(ids: InsertIds) -> None:
+    """Take /insert's ids from ``ids`` from now on: fault_apps.py takes the id each client sends, so that the
+    client can look its write up in the table afterwards."""
+    global _ids
+    _ids = ids
 
 
 # ---- the work each route does with its session --------------------------------------------------------

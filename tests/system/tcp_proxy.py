@@ -29,6 +29,10 @@ and then an orderly end of stream, and reset the client's side at once: the clie
 answer); ``Action.DROP`` (reset both sides without writing it). Chunks are TCP reads: a PostgreSQL frontend
 message may be split between two chunks, or share one with others. It runs on the proxy's event loop and must
 not block.
+
+benchmarks/faults.py runs its fault report through this same proxy, imported from here (as benchmarks/soak.py
+imports tests/system/server.py): the proxy imports nothing of the project's, so neither side imports the other
+in a circle.
 """
 
 from __future__ import annotations
