@@ -9,6 +9,7 @@ no DATABASE_* setting): under callgrind (``http_instructions.py``) every wait is
 from __future__ import annotations
 
 import os
+import sys
 
 from starlette.types import ASGIApp
 
@@ -20,10 +21,13 @@ def create_app() -> ASGIApp:
     key = os.environ.get("BENCH_APP", "")
     if key not in APPS:
         raise SystemExit(f"BENCH_APP={key!r} is not one of {', '.join(APPS)}")
+    app = APPS[key].build(EngineSettings.from_env())
     cleanup_timeout = os.environ.get("BENCH_CLEANUP_TIMEOUT")
-    if cleanup_timeout is not None:
-        from asgi_db_session import database
-
-        # Read by each Database made from an engine (its module's own binding of the name).
+    # Only where the app imported the package: importing it into another app's process would change that
+    # app's heap, and so what the collector costs it per request.
+    database = sys.modules.get("asgi_db_session.database")
+    if cleanup_timeout is not None and database is not None:
+        # Read by each Database made from an engine (its module's own binding of the name), when Starlette
+        # builds the middleware stack at the first call (lifespan startup), after this.
         setattr(database, "DEFAULT_CLEANUP_TIMEOUT", float(cleanup_timeout))  # noqa: B010
-    return APPS[key].build(EngineSettings.from_env())
+    return app
