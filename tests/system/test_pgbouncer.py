@@ -239,55 +239,74 @@ async def test_pre_ping_replaces_connections_after_pgbouncer_restarts(
     assert await count_rows(postgresql_dsn) == 100
 
 
+async def server_connection_state(bouncer: PgBouncer) -> list[object]:
+    """The backend and the statement_timeout that another client of PgBouncer gets: its own transaction lands on
+    whichever server connection is free."""
+    other = await asyncpg.connect(bouncer.dsn, statement_cache_size=0)
+    try:
+        return [await other.fetchval(sql) for sql in ("SELECT pg_backend_pid()", "SHOW statement_timeout")]
+    finally:
+        await other.close()
+
+
 async def test_a_route_statement_timeout_holds_through_pgbouncer_and_ends_with_its_transaction(
     postgresql_dsn: str, table: str, tmp_path: Path
 ) -> None:
     """session_policy(statement_timeout=...) is SET LOCAL in the route's transaction: PgBouncer runs the whole
-    transaction on one server connection, so the bound holds, and it ends there, so the next transaction on that
-    server connection, another client's or the app's, runs under the server's own setting."""
-    seen: list[object] = []
+    transaction on one server connection, so the bound holds, and it ends there, rolled back or committed, so the
+    next transaction on that server connection, another client's or the app's, runs under the server's own
+    setting."""
+
+    async def state() -> list[object]:
+        session = current_session()
+        return [await session.scalar(text(sql)) for sql in ("SELECT pg_backend_pid()", "SHOW statement_timeout")]
+
+    slow_saw: list[object] = []
 
     @session_policy(statement_timeout=0.2)
     async def slow(request: Request) -> Response:
-        session = current_session()
-        seen.append(await session.scalar(text("SELECT pg_backend_pid()")))
-        seen.append(await session.scalar(text("SHOW statement_timeout")))
-        await session.execute(text(f"INSERT INTO {TABLE} (id, name) VALUES (1, 'lost')"))
-        await session.execute(text("SELECT pg_sleep(5)"))
+        slow_saw.extend(await state())
+        await current_session().execute(text(f"INSERT INTO {TABLE} (id, name) VALUES (1, 'lost')"))
+        await current_session().execute(text("SELECT pg_sleep(5)"))
         return JSONResponse("slept")
 
+    @session_policy(statement_timeout=0.2)
+    async def fast(request: Request) -> Response:
+        await current_session().execute(text(f"INSERT INTO {TABLE} (id, name) VALUES (2, 'kept')"))
+        return JSONResponse(await state())
+
     async def show(request: Request) -> Response:
-        session = current_session()
-        pid = await session.scalar(text("SELECT pg_backend_pid()"))
-        return JSONResponse([pid, await session.scalar(text("SHOW statement_timeout"))])
+        return JSONResponse(await state())
 
     # One server connection behind PgBouncer: every transaction, of any client, runs on it.
     async with running_pgbouncer(tmp_path / "pgbouncer", pool_size=1) as bouncer:
         database = database_through(bouncer, pgbouncer=True)
-        app = Starlette(routes=[Route("/slow", slow), Route("/show", show)])
+        app = Starlette(routes=[Route("/slow", slow), Route("/fast", fast), Route("/show", show)])
         app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=True)
         try:
             async with client(app) as http:
                 started = time.monotonic()
-                response = await http.get("/slow")
+                cancelled = await http.get("/slow")
                 elapsed = time.monotonic() - started
-                after = (await http.get("/show")).json()
+                after_cancelled = [(await http.get("/show")).json(), await server_connection_state(bouncer)]
+                committed = await http.get("/fast")
+                after_committed = [(await http.get("/show")).json(), await server_connection_state(bouncer)]
         finally:
             await database.dispose()
-        other = await asyncpg.connect(bouncer.dsn, statement_cache_size=0)
-        try:
-            other_sees = [await other.fetchval(sql) for sql in ("SELECT pg_backend_pid()", "SHOW statement_timeout")]
-        finally:
-            await other.close()
 
-    assert response.status_code == 503, response.text
-    assert response.headers["retry-after"] == "1"
+    assert cancelled.status_code == 503, cancelled.text
+    assert cancelled.headers["retry-after"] == "1"
     assert elapsed < 1.5, elapsed
-    server_pid = seen[0]
-    assert seen == [server_pid, "200ms"]
-    assert after == [server_pid, "0"]
-    assert other_sees == [server_pid, "0"]
-    assert await count_rows(postgresql_dsn) == 0  # the write before the sleep was rolled back
+    server_pid = slow_saw[0]
+    assert slow_saw == [server_pid, "200ms"]
+    assert committed.json() == [server_pid, "200ms"]
+    assert after_cancelled == after_committed == [[server_pid, "0"], [server_pid, "0"]]
+    # The write before the sleep was rolled back; the fast route's was committed.
+    connection = await asyncpg.connect(postgresql_dsn)
+    try:
+        assert await connection.fetch(f"SELECT id, name FROM {TABLE}") == [(2, "kept")]
+    finally:
+        await connection.close()
 
 
 async def test_a_plain_set_through_pgbouncer_reaches_the_next_client(postgresql_dsn: str, tmp_path: Path) -> None:
