@@ -127,9 +127,7 @@ class DatabaseSettings(BaseSettings):
     instead of holding it out of the pool. The client has its response by then; this bounds how long a connection
     stays checked out after a failure. Any driver. See docs/how-to/timeouts.md."""
     statement_timeout: int | None = Field(default=None, ge=0)
-    """Milliseconds after which PostgreSQL cancels a statement (asyncpg only); the client gets a 503 with
-    ``Retry-After``. A startup parameter, which PgBouncer refuses; ``session_policy(statement_timeout=...)`` sets a
-    route's own, over this one, and works behind PgBouncer. See docs/how-to/timeouts.md."""
+    """Milliseconds after which PostgreSQL cancels a statement (asyncpg only)."""
     client_connection_check_interval: int | None = Field(default=None, ge=0)
     """Milliseconds between PostgreSQL's checks, while a statement runs, that the client is still there
     (PostgreSQL 14+ on Linux, macOS or BSD; asyncpg only). A statement whose request was cancelled so abruptly
