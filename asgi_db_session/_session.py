@@ -18,6 +18,8 @@
   lost connection); ``GuardedSession.commit()`` then learns the outcome (_commit_outcome.py) and answers it:
   returns if the transaction committed (its on_commit callbacks become due), re-raises the error if it did
   not, raises CommitOutcomeUnknownError if it could not be learned.
+- ``bound_statements()``: a session whose transactions each start with ``SET LOCAL statement_timeout``
+  (``session_policy(statement_timeout=...)``, ``session_scope(statement_timeout=...)``).
 - ``finish()`` and ``commit()``: a scope's commit and close, run through ``_shield.shielded`` so that a
   cancellation cannot stop either halfway.
 """
@@ -32,7 +34,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
-from sqlalchemy import TextClause, event
+from sqlalchemy import Connection, TextClause, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
@@ -163,6 +165,31 @@ def _executed(state: ORMExecuteState) -> None:
 
 
 _READ_PREFIXES = frozenset({"SELECT", "SHOW"})
+
+
+def bound_statements(session: AsyncSession, milliseconds: int) -> None:
+    """Have PostgreSQL cancel any statement of ``session`` that runs longer than ``milliseconds``, from its next
+    transaction on.
+
+    ``SET LOCAL`` at the start of each transaction, not ``SET``: the setting ends with the transaction, so it
+    never reaches the next user of the connection, whether that is the pool's next checkout or, behind PgBouncer
+    in transaction mode, another client's transaction on the same server connection, and it holds there because
+    the whole transaction runs on one server connection. A listener on this session only: sessions without a
+    bound run no event for it. Other databases than PostgreSQL have no statement_timeout: nothing is sent.
+    """
+    event.listen(session.sync_session, "after_begin", _setting_timeout(milliseconds))
+
+
+@functools.cache
+def _setting_timeout(milliseconds: int) -> Callable[[Session, SessionTransaction, Connection], None]:
+    statement = f"SET LOCAL statement_timeout = {milliseconds}"
+
+    def set_timeout(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+        # A savepoint runs inside the transaction that has it already.
+        if not transaction.nested and connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(statement)
+
+    return set_timeout
 
 
 def _lost_at_commit(error: sa_exc.DBAPIError | TimeoutError) -> bool:

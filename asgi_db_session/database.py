@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import logging
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,6 +27,7 @@ from ._session import (
     LostCommitNotingSession,
     OutcomeLearningSession,
     WriteTrackingSession,
+    bound_statements,
 )
 from ._urls import redact_url
 from .exceptions import (
@@ -37,6 +39,7 @@ from .exceptions import (
     NO_TARGET_HOST,
     REPLICAS_AS_STRING,
     REPLICAS_WITHOUT_SETTINGS,
+    STATEMENT_TIMEOUT_ABOVE_COMMAND_TIMEOUT,
     TWO_ENGINE_SOURCES,
     UNREACHABLE,
     DatabaseUnavailableError,
@@ -58,6 +61,7 @@ _EngineRole = Literal["primary", "replica"]
 # Recommended for async code: no lazy loads after commit, no implicit IO from autoflush.
 _SESSION_DEFAULTS: Mapping[str, Any] = {"expire_on_commit": False, "autoflush": False, "class_": GuardedSession}
 
+_logger = logging.getLogger("asgi_db_session")
 _registry: dict[str, Database] = {}
 # Connections whose transaction every new session of a database name joins (see Database.sessions_joining).
 _joining: dict[str, AsyncConnection] = {}
@@ -280,6 +284,8 @@ class Database:
         self._read_only_makers: Iterator[async_sessionmaker[AsyncSession]] | None = None
         self._primary_read_only: async_sessionmaker[AsyncSession] | None = None
         self._counting_queries = False
+        # The statement timeouts (ms) already compared with the command timeout: each is compared, and logged, once.
+        self._checked_timeouts: set[int] = set()
         self.on_engine = on_engine
         if engine is not None:
             self._instrument(engine, None, "primary")
@@ -460,6 +466,30 @@ class Database:
                 # Tells the request which of its reads must stay on the primary; only with replicas, as it costs.
                 options["sync_session_class"] = _tracking_writes(sync_class)
         return async_sessionmaker(engine, **options)
+
+    def _bound_statements(self, session: AsyncSession, milliseconds: int) -> None:
+        """Bound every statement of ``session`` to ``milliseconds`` on the server (see ``bound_statements``);
+        the first time a value is asked, a warning if the client's own bound would fire first."""
+        checked = self._checked_timeouts
+        if milliseconds not in checked:
+            checked.add(milliseconds)
+            command_timeout = self._command_timeout()
+            if command_timeout is not None and milliseconds >= command_timeout * 1000:
+                _logger.warning(
+                    STATEMENT_TIMEOUT_ABOVE_COMMAND_TIMEOUT.format(
+                        seconds=milliseconds / 1000, name=self.name, command_timeout=command_timeout
+                    )
+                )
+        bound_statements(session, milliseconds)
+
+    def _command_timeout(self) -> float | None:
+        """asyncpg's command_timeout of the primary, as the settings and the URL make it; None when there is none
+        or it is not known (an engine given as it is)."""
+        settings = self.settings
+        if settings is None or self._engine is None or self._engine.dialect.driver != "asyncpg":
+            return None
+        timeout = settings.engine_options().get("connect_args", {}).get("command_timeout")
+        return timeout if isinstance(timeout, int | float) else None
 
     def _primary_read_only_maker(self) -> async_sessionmaker[AsyncSession]:
         maker = self._primary_read_only

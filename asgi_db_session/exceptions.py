@@ -91,6 +91,8 @@ __all__ = [
     "SSL_MODES_DISAGREE",
     "SSL_NO_ROOT_CERT",
     "SSL_SYSTEM_NEEDS_VERIFY_FULL",
+    "STATEMENT_TIMEOUT_ABOVE_COMMAND_TIMEOUT",
+    "STATEMENT_TIMEOUT_INVALID",
     "SYNC_DRIVER",
     "TABLES_EXIST",
     "TESTING_EXTRA_MISSING",
@@ -234,7 +236,20 @@ NO_TARGET_HOST = (
 # Database.check(): the reason, then what to do.
 CHECK_FAILED = "{error}. Check DATABASE_URL and that the server is running and accepts connections."
 HEALTH_TIMEOUT = "timeout must be a positive number of seconds, got {timeout!r}"
-POLICY_WITHOUT_SESSION = "session_policy(session=False) takes no read_only= or commit_on_success=: there is no session."
+POLICY_WITHOUT_SESSION = (
+    "session_policy(session=False) takes no read_only=, commit_on_success= or statement_timeout=: there is no session."
+)
+STATEMENT_TIMEOUT_INVALID = (
+    "statement_timeout= takes a positive number of seconds (an int, a float or a timedelta) of at most "
+    "2147483.647 (PostgreSQL's limit), or None for no bound of its own; got {value!r}."
+)
+# Logged once per Database and value: the client's bound fires first, so the route's bound never does.
+STATEMENT_TIMEOUT_ABOVE_COMMAND_TIMEOUT = (
+    "statement_timeout={seconds:g} asked of a session of database {name!r} is not below its "
+    "DATABASE_COMMAND_TIMEOUT ({command_timeout:g} s): the client stops waiting first, throws the connection "
+    "away and answers 503, before the server's bound can fire. Keep the statement timeout below the command "
+    "timeout, or raise DATABASE_COMMAND_TIMEOUT for this database."
+)
 POLICY_CANNOT_MARK = (
     "session_policy() cannot mark {name}: it takes no attributes (a bound method or a functools.partial?). "
     "Mark the function itself, or the HTTPEndpoint class."
