@@ -394,6 +394,29 @@ def build_asgi_db_session_unguarded(settings: EngineSettings) -> ASGIApp:
     )
 
 
+def build_asgi_db_session_metrics(settings: EngineSettings) -> ASGIApp:
+    """asgi-db-session with its pool metrics recorded (OpenTelemetry's SDK, a MeterProvider of the app's own).
+
+    The reader is never collected: what is measured is the recording each request does (the checkout's wrapper,
+    the checkin's listener, their histograms); a real reader collects every few seconds at most, apart from the
+    requests.
+    """
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from asgi_db_session import Database, DBSessionMiddleware, current_session
+
+    def get_session(request: Request) -> AsyncSession:
+        return current_session()
+
+    database = Database(
+        engine=settings.create_engine(), meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()])
+    )
+    app = Starlette(routes=_middleware_routes(get_session, commit=True))
+    app.add_middleware(DBSessionMiddleware, database=database)
+    return app
+
+
 # ---- registry ----------------------------------------------------------------------------------------------
 
 
@@ -458,6 +481,12 @@ APPS: dict[str, AppSpec] = {
             in_default_run=False,
         ),
         AppSpec("asgi-db-session-fastapi", "FastAPI + DBSessionMiddleware", build_asgi_db_session_fastapi),
+        AppSpec(
+            "asgi-db-session-metrics",
+            "Starlette + DBSessionMiddleware with the pool metrics recorded (OpenTelemetry SDK)",
+            build_asgi_db_session_metrics,
+            in_default_run=False,
+        ),
         AppSpec(
             "asgi-db-session-unguarded",
             "Starlette + DBSessionMiddleware(session_options={'class_': AsyncSession}): no concurrency guard",
