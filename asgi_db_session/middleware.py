@@ -102,17 +102,15 @@ class _RequestState(ScopeState):
 
 
 def _rollback_reason(state: _RequestState) -> str:
-    """Why a request's transaction is rolled back rather than committed, for the cleanup's span (which there is
-    only when a transaction is still open at the end)."""
+    """Why a request's transaction is not committed at the end of the call, for the cleanup's span. (When it is,
+    the cleanup's span, if the commit fails, says "commit_failed".)"""
     if not state.commit_on_success:
         return "not_committing"  # the policy: only what the app committed itself is kept
     if state.failure is not None:
         return "commit_failed"
     if not state.keep:
         return "error"  # a status of 400 or more, an exception, a cancellation, an abnormal WebSocket close
-    if not state.complete:
-        return "incomplete"  # the response never went out whole (its client left), or the WebSocket never opened
-    return "commit_failed"  # the commit at the end of the call: it failed, or there would be nothing to roll back
+    return "incomplete"  # the response never went out whole (its client left), or the WebSocket never opened
 
 
 def _watching_disconnects(receive: Receive, state: _RequestState) -> Receive:

@@ -11,11 +11,12 @@ global provider run in a child process of their own.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,8 +53,9 @@ from asgi_db_session._tracing import (
     TRACER_NAME,
     TRANSACTION_ID,
 )
-from asgi_db_session._types import ASGIApp
+from asgi_db_session._types import ASGIApp, Receive, Scope, Send
 
+from .asgi import Channel, http_scope
 from .conftest import PG_URL, client
 from .system.pg_wire import FrontendMessages, is_commit
 from .system.server import REPO_ROOT
@@ -296,6 +298,9 @@ async def test_a_failed_commit_is_recorded_on_its_span_without_the_statement_par
         assert (await http.post("/")).status_code == 409
     assert await names() == [PRIVATE]
 
+    # The commit, then the cleanup of the transaction it left failed.
+    assert [span.name for span in traces.own()] == [COMMIT_SPAN, CLEANUP_SPAN]
+    assert attributes(traces.one(CLEANUP_SPAN))[ROLLBACK_REASON] == "commit_failed"
     commit = traces.one(COMMIT_SPAN)
     assert parent_of(commit) == span_id(traces.request())
     found = attributes(commit)
@@ -370,25 +375,41 @@ async def test_a_cleanup_without_answer_is_a_span_that_says_it_timed_out(traces:
 
 class CommitTrap:
     """The proxy's hook: once armed, the first COMMIT goes to the server and its connection is then dropped, so the
-    server commits and the answer never comes back."""
+    server commits and the answer never comes back; ``then`` runs on the proxy's loop right after."""
 
     def __init__(self) -> None:
         self._streams: dict[int, FrontendMessages] = {}
         self.armed = False
+        self.then: Callable[[], None] | None = None
 
     def __call__(self, connection: ProxyConnection, data: bytes) -> Action:
         messages = self._streams.setdefault(connection.number, FrontendMessages()).feed(data)
         if not self.armed or not any(is_commit(message) for message in messages):
             return Action.FORWARD
         self.armed = False
+        if self.then is not None:
+            asyncio.get_running_loop().call_soon(self.then)
         return Action.FORWARD_THEN_DROP
 
 
-async def test_a_commit_whose_answer_was_lost_shows_what_the_outcome_check_learned(traces: Traces, table: None) -> None:
+@pytest.mark.parametrize(
+    ("check", "cut_off", "status", "outcome", "learned"),
+    [
+        (True, False, 201, "committed", "committed"),
+        # Every connection through the proxy reset from then on: the server cannot be asked.
+        (True, True, 500, "unknown", "unknown"),
+        (False, False, 500, "unknown", "off"),
+    ],
+)
+async def test_a_commit_whose_answer_was_lost_shows_what_the_outcome_check_learned(
+    traces: Traces, table: None, check: bool, cut_off: bool, status: int, outcome: str, learned: str
+) -> None:
     trap = CommitTrap()
     async with TcpProxy(make_url(PG_URL).port or 5432, on_client_data=trap) as proxy:
+        if cut_off:
+            trap.then = lambda: proxy.set_fault(Fault.RESET)
         url = make_url(PG_URL).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        settings = DatabaseSettings(url=url, ssl="disable", commit_outcome_check=True, commit_outcome_timeout=5)
+        settings = DatabaseSettings(url=url, ssl="disable", commit_outcome_check=check, commit_outcome_timeout=1)
         database = Database(settings=settings, name="spans-outcome")
         try:
 
@@ -397,16 +418,41 @@ async def test_a_commit_whose_answer_was_lost_shows_what_the_outcome_check_learn
                 trap.armed = True
                 return PlainTextResponse("created", status_code=201)
 
-            async with client(traced(traces, database, [Route("/", create)])) as http:
-                assert (await http.get("/")).status_code == 201
+            async with client(traced(traces, database, [Route("/", create)]), raise_app_exceptions=False) as http:
+                assert (await http.get("/")).status_code == status
         finally:
+            proxy.heal()
             await database.dispose()
-    assert await names() == ["saved after all"]
+    assert await names() == ["saved after all"]  # the server committed, whatever the client could be told
     commit = traces.one(COMMIT_SPAN)
     found = attributes(commit)
-    assert found[COMMIT_OUTCOME] == "committed"
-    assert found[COMMIT_OUTCOME_CHECK] == "committed"
-    assert int(found[TRANSACTION_ID]) > 0
+    assert found[COMMIT_OUTCOME] == outcome
+    assert found[COMMIT_OUTCOME_CHECK] == learned
+    if check:
+        assert int(found[TRANSACTION_ID]) > 0
+    else:
+        assert TRANSACTION_ID not in found  # not read with the check off
+    assert commit.status.status_code is (StatusCode.UNSET if outcome == "committed" else StatusCode.ERROR)
+
+
+async def test_a_response_that_never_went_out_whole_is_rolled_back_as_incomplete(
+    traces: Traces, database: Database
+) -> None:
+    async def half_sent(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await insert("half sent")
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        # Returns without the last body message: as a streaming response that stopped when its client left.
+
+    app = DBSessionMiddleware(half_sent, database=database, commit_on_success=True, tracer_provider=traces.provider)
+    channel = Channel([{"type": "http.request", "body": b"", "more_body": False}])
+    await app(http_scope(), channel.receive, channel.send)
+    assert channel.types() == ["http.response.start", "http.response.body"]
+    assert await names() == []
+    cleanup = traces.one(CLEANUP_SPAN)
+    assert [span.name for span in traces.own()] == [CLEANUP_SPAN]
+    assert attributes(cleanup) == {DATABASE: "default", ROLLBACK_REASON: "incomplete", CLEANUP_OUTCOME: "rolled_back"}
+    assert cleanup.parent is None  # no request span around it here: the middleware is the outermost app
 
 
 def test_a_no_op_provider_turns_the_spans_off(sqlite_url: str) -> None:
