@@ -52,6 +52,8 @@ from asgi_db_session._tracing import (
     ROLLBACK_REASON,
     TRACER_NAME,
     TRANSACTION_ID,
+    note_outcome_check,
+    request_spans,
 )
 from asgi_db_session._types import ASGIApp, Receive, Scope, Send
 
@@ -349,6 +351,37 @@ async def test_a_commit_while_streaming_or_after_the_response_says_when(traces: 
     assert [attributes(span)[COMMIT_WHEN] for span in traces.own()] == ["before_last_body", "call_end"]
     assert all(attributes(span)[COMMIT_OUTCOME] == "committed" for span in traces.own())
     assert len({span.context.trace_id for span in traces.own() if span.context is not None}) == 2  # one per request
+
+
+async def test_a_failed_commit_after_the_response_is_recorded_and_its_transaction_cleaned_up(
+    traces: Traces, database: Database
+) -> None:
+    await pg(f"INSERT INTO {TABLE} (id, name) VALUES (1, 'taken')")
+
+    async def later(request: Request) -> Response:
+        async def work() -> None:
+            await insert("taken", row_id=2)  # deferred: the duplicate fails the commit at the end of the call
+
+        return PlainTextResponse("accepted", status_code=202, background=BackgroundTask(work))
+
+    async with client(traced(traces, database, [Route("/", later)]), raise_app_exceptions=False) as http:
+        assert (await http.get("/")).status_code == 202  # sent before the work ran: the failure is the server's to log
+    assert await names() == ["taken"]
+    assert [span.name for span in traces.own()] == [COMMIT_SPAN, CLEANUP_SPAN]
+    commit, cleanup = traces.own()
+    assert attributes(commit)[COMMIT_WHEN] == "call_end"
+    assert attributes(commit)[COMMIT_OUTCOME] == "failed"
+    assert attributes(commit)[DB_STATUS_CODE] == "23505"
+    assert attributes(cleanup)[ROLLBACK_REASON] == "commit_failed"
+    assert parent_of(commit) == parent_of(cleanup) == span_id(traces.request())
+
+
+def test_without_opentelemetry_imported_nothing_is_looked_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in an app that never imported OpenTelemetry (the child process below shows the package imports none)."""
+    monkeypatch.delitem(sys.modules, "opentelemetry.trace")
+    assert request_spans(None, "default") is None
+    note_outcome_check("committed", "1")  # no span to mark, and no import to make
+    assert "opentelemetry.trace" not in sys.modules
 
 
 async def test_a_cleanup_without_answer_is_a_span_that_says_it_timed_out(traces: Traces, table: None) -> None:
