@@ -57,7 +57,7 @@ from asgi_db_session._tracing import (
 )
 from asgi_db_session._types import ASGIApp, Receive, Scope, Send
 
-from .asgi import Channel, http_scope
+from .asgi import Channel, http_scope, run_lifespan
 from .conftest import PG_URL, client
 from .system.pg_wire import FrontendMessages, is_commit
 from .system.server import REPO_ROOT
@@ -488,8 +488,11 @@ async def test_a_response_that_never_went_out_whole_is_rolled_back_as_incomplete
     assert cleanup.parent is None  # no request span around it here: the middleware is the outermost app
 
 
-def test_a_no_op_provider_turns_the_spans_off(sqlite_url: str) -> None:
+async def test_a_no_op_provider_turns_the_spans_off(sqlite_url: str) -> None:
     middleware = DBSessionMiddleware(Starlette(), url=sqlite_url, tracer_provider=NoOpTracerProvider())
+    assert middleware._spans is None
+    channel = await run_lifespan(middleware)  # a provider given is kept: the global one is not looked for
+    assert channel.types() == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert middleware._spans is None
 
 
