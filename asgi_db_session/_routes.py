@@ -43,6 +43,7 @@ class SessionPolicy:
     read_only: bool = False
     commit_on_success: bool | None = None
     endpoint: str = "?"
+    replay_conflicts: bool | None = None
 
 
 def policy_of(scope: Scope) -> SessionPolicy | None:

@@ -31,7 +31,11 @@ _Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
 
 
 def session_policy(
-    *, session: bool = True, read_only: bool = False, commit_on_success: bool | None = None
+    *,
+    session: bool = True,
+    read_only: bool = False,
+    commit_on_success: bool | None = None,
+    replay_conflicts: bool | None = None,
 ) -> Callable[[_Endpoint], _Endpoint]:
     """Mark an endpoint (function or HTTPEndpoint class) with its own session policy, for every database.
 
@@ -40,6 +44,9 @@ def session_policy(
     - ``read_only=True``: its session runs a read-only transaction (enforced by PostgreSQL; other databases
       do not enforce it), on a replica when the database has replicas.
     - ``commit_on_success=True`` or ``False``: overrides the middleware's ``commit_on_success``.
+    - ``replay_conflicts=True``: a request that lost a race (40001, 40P01) is run again by ``ReplayConflicts``,
+      which then needs to wrap the app (``ReplayConflicts(app, only_marked=True)`` replays only such
+      endpoints); ``False``: never run again, even under a ``ReplayConflicts`` that replays every request.
 
     On Starlette, FastAPI and Litestar it works above or below the route decorator; on other frameworks put it
     directly on the function (below the route decorator), as it returns a wrapper that applies the policy when
@@ -50,7 +57,7 @@ def session_policy(
 
     def mark(endpoint: _Endpoint) -> _Endpoint:
         name = getattr(endpoint, "__qualname__", None) or repr(endpoint)
-        policy = SessionPolicy(session, read_only, commit_on_success, name)
+        policy = SessionPolicy(session, read_only, commit_on_success, name, replay_conflicts=replay_conflicts)
         try:
             setattr(endpoint, POLICY_ATTRIBUTE, policy)
         except AttributeError:
