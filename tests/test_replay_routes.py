@@ -32,7 +32,6 @@ from fastapi import FastAPI
 from quart import Quart
 from sqlalchemy import text
 from sqlalchemy.exc import SADeprecationWarning
-from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.applications import Starlette
 from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
@@ -45,7 +44,6 @@ from asgi_db_session import (
     DBSessionMiddleware,
     ReplayConflicts,
     current_session,
-    run_in_transaction,
     session_policy,
 )
 from asgi_db_session import replay as replay_module
@@ -220,19 +218,6 @@ def starlette_app(clash: Clash, database: Database) -> ASGIApp:
         return PlainTextResponse(await clash.deadlock((await request.body()).decode()))
 
     @session_policy(replay_conflicts=True)
-    class MarkedUnitOfWork(HTTPEndpoint):
-        """Marked as a class (not wrapped): the request's own session is never made, the conflict comes from
-        run_in_transaction() run once; the policy is found in the scope when the error is answered."""
-
-        async def post(self, request: Request) -> Response:
-            letter = (await request.body()).decode()
-
-            async def work(session: AsyncSession) -> str:
-                return await clash.deadlock(letter)
-
-            return PlainTextResponse(await run_in_transaction(work, "retry", attempts=1))
-
-    @session_policy(replay_conflicts=True)
     async def marked_duplicate(request: Request) -> PlainTextResponse:
         await current_session("retry").execute(text(f"INSERT INTO {ROWS} VALUES (1, 'again')"))
         return PlainTextResponse("inserted")
@@ -245,7 +230,6 @@ def starlette_app(clash: Clash, database: Database) -> ASGIApp:
             Route("/plain/skew/{letter}", plain_skew, methods=["POST"]),
             Route("/marked/stream", marked_stream, methods=["POST"]),
             Route("/never/deadlock", never_deadlock, methods=["POST"]),
-            Route("/marked/unit-of-work", MarkedUnitOfWork, methods=["POST"]),
             Route("/marked/duplicate", marked_duplicate, methods=["POST"]),
         ]
     )
@@ -310,9 +294,31 @@ async def test_replay_conflicts_false_opts_a_route_out_of_replaying_every_reques
     await assert_skew_serial(await post_pair(every, "/plain/skew"), clash)
 
 
-async def test_a_marked_class_is_found_in_the_scope_when_no_session_took_its_policy(pg: Database) -> None:
+class SessionBeforeRouting:
+    """A middleware inside DBSessionMiddleware that creates the request's session before the router runs."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        current_session("retry")
+        await self.app(scope, receive, send)
+
+
+async def test_a_marked_class_is_found_in_the_scope_when_the_session_came_before_routing(pg: Database) -> None:
+    """A marked HTTPEndpoint class is not wrapped, and the session was created before the router chose it: the
+    request took no policy, and ReplayConflicts asks the endpoint in the scope when the error is answered."""
     clash = Clash()
-    responses = await post_pair(replaying(starlette_app(clash, pg)), "/marked/unit-of-work", body=True)
+
+    @session_policy(replay_conflicts=True)
+    class MarkedDeadlock(HTTPEndpoint):
+        async def post(self, request: Request) -> Response:
+            return PlainTextResponse(await clash.deadlock((await request.body()).decode()))
+
+    app = Starlette(routes=[Route("/deadlock", MarkedDeadlock)])
+    app.add_middleware(SessionBeforeRouting)
+    app.add_middleware(DBSessionMiddleware, database=pg, commit_on_success=True)  # outside SessionBeforeRouting
+    responses = await post_pair(replaying(app), "/deadlock", body=True)
     assert [(response.status_code, response.text) for response in responses] == [(200, "a"), (200, "b")]
     assert_replayed(responses, clash)
     assert await fetch(f"SELECT value FROM {ROWS} ORDER BY id") in ([("ab",), ("ab",)], [("ba",), ("ba",)])
