@@ -49,6 +49,7 @@ class SessionPolicy:
     endpoint: str = "?"
     # Milliseconds (statement_timeout_ms), as PostgreSQL's SET LOCAL takes them; None: no bound of its own.
     statement_timeout: int | None = field(default=None, kw_only=True)
+    replay_conflicts: bool | None = field(default=None, kw_only=True)
 
 
 # PostgreSQL's statement_timeout is an int of milliseconds.

@@ -77,6 +77,7 @@ __all__ = [
     "POLICY_TOO_LATE",
     "POLICY_WITHOUT_SESSION",
     "REPLAY_BODY_SIZE",
+    "REPLAY_NOT_INSTALLED",
     "REPLICAS_AS_STRING",
     "REPLICAS_WITHOUT_SETTINGS",
     "RETRY_ATTEMPTS",
@@ -358,6 +359,12 @@ OWN_EVENT_LOOP = "it started an event loop of its own: {error}"
 REPLAY_BODY_SIZE = (
     "ReplayConflicts(max_body_size={size!r}): the largest request body kept for a replay, in bytes, must be a "
     "whole number of at least 0 (0 replays only requests without a body)."
+)
+REPLAY_NOT_INSTALLED = (
+    "The endpoint {endpoint} is marked session_policy(replay_conflicts=True), but its request that lost a race "
+    "(SQLSTATE {state}) was answered, not run again: no ReplayConflicts wraps DBSessionMiddleware (or it sits "
+    "inside it). Add it last, so that it is outermost: app.add_middleware(ReplayConflicts, only_marked=True) after "
+    "app.add_middleware(DBSessionMiddleware). (Said once per endpoint.)"
 )
 RETRY_ATTEMPTS = (
     "{call}(attempts={attempts!r}): attempts counts every run of the work, the first included, so it "

@@ -300,7 +300,7 @@ class DBSessionMiddleware:
             log_lazy_load(exc, f"{scope.get('method', 'WEBSOCKET')} {scope.get('path', '')}")
             failure = state.failure
             if failure is None:
-                if state.started or not await self._answer_error(scope, send, exc):
+                if state.started or not await self._answer_error(scope, send, exc, state):
                     raise
             elif state.failure_response is None:
                 raise failure from failure.__cause__  # not the app's re-raise of it: the database error
@@ -359,7 +359,7 @@ class DBSessionMiddleware:
                     state.keep = False
                     response = state.failure_response = self.error_response(exc)
                     response = response or INTERNAL_SERVER_ERROR
-                    _note_answered(exc)
+                    _note_answered(exc, state.route_policy)
                     text = COMMIT_FAILED_UNKNOWN if isinstance(exc, CommitOutcomeUnknownError) else COMMIT_FAILED
                     failure = state.failure = CommitFailedError(
                         text.format(name=self.database.name, status=response.status, app_status=message["status"])
@@ -390,14 +390,14 @@ class DBSessionMiddleware:
             state.keep = False
         await send(message)
 
-    async def _answer_error(self, scope: Scope, send: Send, error: Exception) -> bool:
+    async def _answer_error(self, scope: Scope, send: Send, error: Exception, state: _RequestState) -> bool:
         """Send the mapped response for ``error`` (True), or leave it to the server's handling (False)."""
         if scope["type"] != "http":
             return False
         response = self.error_response(error)
         if response is None:
             return False
-        _note_answered(error)
+        _note_answered(error, state.route_policy)
         _log_answered(scope, error, response)
         for message in response.messages():
             await send(message)

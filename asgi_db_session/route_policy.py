@@ -37,6 +37,7 @@ def session_policy(
     read_only: bool = False,
     commit_on_success: bool | None = None,
     statement_timeout: float | timedelta | None = None,
+    replay_conflicts: bool | None = None,
 ) -> Callable[[_Endpoint], _Endpoint]:
     """Mark an endpoint (function or HTTPEndpoint class) with its own session policy, for every database.
 
@@ -50,6 +51,9 @@ def session_policy(
       holds behind PgBouncer in transaction mode, and ends with the transaction); the client gets a 503 with
       ``Retry-After``, nothing of the transaction is committed. Over ``DATABASE_STATEMENT_TIMEOUT`` in either
       direction; other databases than PostgreSQL ignore it (docs/how-to/timeouts.md).
+    - ``replay_conflicts=True``: a request that lost a race (40001, 40P01) is run again by ``ReplayConflicts``,
+      which then needs to wrap the app (``ReplayConflicts(app, only_marked=True)`` replays only such
+      endpoints); ``False``: never run again, even under a ``ReplayConflicts`` that replays every request.
 
     On Starlette, FastAPI and Litestar it works above or below the route decorator; on other frameworks put it
     directly on the function (below the route decorator), as it returns a wrapper that applies the policy when
@@ -61,7 +65,14 @@ def session_policy(
 
     def mark(endpoint: _Endpoint) -> _Endpoint:
         name = getattr(endpoint, "__qualname__", None) or repr(endpoint)
-        policy = SessionPolicy(session, read_only, commit_on_success, name, statement_timeout=milliseconds)
+        policy = SessionPolicy(
+            session,
+            read_only,
+            commit_on_success,
+            name,
+            statement_timeout=milliseconds,
+            replay_conflicts=replay_conflicts,
+        )
         try:
             setattr(endpoint, POLICY_ATTRIBUTE, policy)
         except AttributeError:

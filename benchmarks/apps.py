@@ -362,6 +362,16 @@ def build_asgi_db_session_commit(settings: EngineSettings) -> ASGIApp:
     return _build_asgi_db_session(settings, commit_on_success=True)
 
 
+def build_asgi_db_session_replay(settings: EngineSettings) -> ASGIApp:
+    """commit_on_success=True with ReplayConflicts(only_marked=True) outside: every request's body kept, no route
+    marked. What a replay decided inside DBSessionMiddleware, which knows the endpoint only after routing, would
+    cost every request."""
+    from asgi_db_session import ReplayConflicts
+
+    app = _build_asgi_db_session(settings, commit_on_success=True)
+    return ReplayConflicts(app, only_marked=True)
+
+
 def build_asgi_db_session_commit_check(settings: EngineSettings) -> ASGIApp:
     """commit_on_success=True with DATABASE_COMMIT_OUTCOME_CHECK=true: the transaction id read before COMMIT.
 
@@ -473,6 +483,12 @@ APPS: dict[str, AppSpec] = {
             "asgi-db-session-commit",
             "Starlette + DBSessionMiddleware(commit_on_success=True)",
             build_asgi_db_session_commit,
+        ),
+        AppSpec(
+            "asgi-db-session-replay",
+            "the same with ReplayConflicts(only_marked=True) outside, no route marked",
+            build_asgi_db_session_replay,
+            in_default_run=False,
         ),
         AppSpec(
             "asgi-db-session-commit-check",
