@@ -66,6 +66,9 @@ class ScopeState:
     in_request = False
     # The endpoint's session_policy this request follows, once taken.
     route_policy: SessionPolicy | None = None
+    # Milliseconds after which PostgreSQL cancels a statement of this scope's session (SET LOCAL in each of
+    # its transactions); None: the connection's own statement_timeout.
+    statement_timeout: int | None = None
     # Set when a session of this scope, or of a scope opened in it, wrote (databases with replicas only):
     # reads that follow in the same request then stay on the primary, which a replica may lag behind.
     wrote = False
@@ -96,6 +99,8 @@ class ScopeState:
             session = self.session = self.database.new_session(
                 read_only=read_only, on_primary=read_only and self.after_write(), options=self.session_options
             )
+            if self.statement_timeout is not None:
+                self.database._bound_statements(session, self.statement_timeout)
         return session
 
     def apply_route_policy(self) -> None:
@@ -118,6 +123,8 @@ class ScopeState:
         if policy.commit_on_success is not None:
             self.commit_on_success = policy.commit_on_success
         self.read_only = policy.read_only
+        if policy.statement_timeout is not None:
+            self.statement_timeout = policy.statement_timeout
 
     def follow(self, policy: SessionPolicy) -> None:
         """The request's endpoint, marked with ``policy``, is being called: follow it where still possible."""
@@ -134,9 +141,15 @@ class ScopeState:
         self.route_policy = policy
         if policy.commit_on_success is not None:
             self.commit_on_success = policy.commit_on_success
-        if not policy.session or policy.read_only != self.read_only:
-            asked = "session=False" if not policy.session else f"read_only={policy.read_only}"
-            _logger.warning(POLICY_TOO_LATE.format(name=self.database.name, endpoint=policy.endpoint, asked=asked))
+        if not policy.session:
+            asked = "session=False"
+        elif policy.read_only != self.read_only:
+            asked = f"read_only={policy.read_only}"
+        elif policy.statement_timeout is not None and policy.statement_timeout != self.statement_timeout:
+            asked = f"statement_timeout={policy.statement_timeout / 1000:g}"
+        else:
+            return
+        _logger.warning(POLICY_TOO_LATE.format(name=self.database.name, endpoint=policy.endpoint, asked=asked))
 
     def after_write(self) -> bool:
         """Whether this scope, or a scope it was opened in, has written: a read must then see the primary."""

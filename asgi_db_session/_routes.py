@@ -16,17 +16,21 @@ Each framework keeps this in its own place, read here duck-typed, importing none
 
 from __future__ import annotations
 
+import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from ._types import Scope
+from .exceptions import STATEMENT_TIMEOUT_INVALID
 
 __all__ = [
     "POLICY_ATTRIBUTE",
     "SessionPolicy",
     "policy_of",
     "route_template",
+    "statement_timeout_ms",
 ]
 
 
@@ -43,6 +47,34 @@ class SessionPolicy:
     read_only: bool = False
     commit_on_success: bool | None = None
     endpoint: str = "?"
+    # Milliseconds (statement_timeout_ms), as PostgreSQL's SET LOCAL takes them; None: no bound of its own.
+    statement_timeout: int | None = field(default=None, kw_only=True)
+    replay_conflicts: bool | None = field(default=None, kw_only=True)
+
+
+# PostgreSQL's statement_timeout is an int of milliseconds.
+_MAX_STATEMENT_TIMEOUT_MS = 2**31 - 1
+
+
+def statement_timeout_ms(value: float | timedelta | None) -> int | None:
+    """``statement_timeout=`` (seconds, or a timedelta) in whole milliseconds; ValueError or TypeError if invalid.
+
+    Rounded to the nearest millisecond, but never to 0, which PostgreSQL takes as "no bound".
+    """
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise TypeError(STATEMENT_TIMEOUT_INVALID.format(value=value))
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(STATEMENT_TIMEOUT_INVALID.format(value=value))
+    milliseconds = max(1, round(seconds * 1000))
+    if milliseconds > _MAX_STATEMENT_TIMEOUT_MS:
+        raise ValueError(STATEMENT_TIMEOUT_INVALID.format(value=value))
+    return milliseconds
 
 
 def policy_of(scope: Scope) -> SessionPolicy | None:

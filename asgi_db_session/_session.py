@@ -18,6 +18,8 @@
   lost connection); ``GuardedSession.commit()`` then learns the outcome (_commit_outcome.py) and answers it:
   returns if the transaction committed (its on_commit callbacks become due), re-raises the error if it did
   not, raises CommitOutcomeUnknownError if it could not be learned.
+- ``bound_statements()``: a session whose transactions each start with ``SET LOCAL statement_timeout``
+  (``session_policy(statement_timeout=...)``, ``session_scope(statement_timeout=...)``).
 - ``finish()`` and ``commit()``: a scope's commit and close, run through ``_shield.shielded`` so that a
   cancellation cannot stop either halfway.
 """
@@ -30,15 +32,16 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from sqlalchemy import TextClause, event
+from sqlalchemy import Connection, TextClause, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
 from ._commit_outcome import CommitOutcomeReader, LostCommit, answer_may_be_lost
 from ._shield import shielded, shielded_starting_now
+from ._tracing import CLEANUP_OUTCOME, note_outcome_check
 from .exceptions import (
     CLEANUP_FAILED,
     CLEANUP_TIMED_OUT,
@@ -50,6 +53,9 @@ from .exceptions import (
     CommitOutcomeUnknownError,
     ConcurrentSessionUseError,
 )
+
+if TYPE_CHECKING:
+    from ._tracing import Spans
 
 logger = logging.getLogger("asgi_db_session")
 
@@ -163,6 +169,31 @@ def _executed(state: ORMExecuteState) -> None:
 
 
 _READ_PREFIXES = frozenset({"SELECT", "SHOW"})
+
+
+def bound_statements(session: AsyncSession, milliseconds: int) -> None:
+    """Have PostgreSQL cancel any statement of ``session`` that runs longer than ``milliseconds``, from its next
+    transaction on.
+
+    ``SET LOCAL`` at the start of each transaction, not ``SET``: the setting ends with the transaction, so it
+    never reaches the next user of the connection, whether that is the pool's next checkout or, behind PgBouncer
+    in transaction mode, another client's transaction on the same server connection, and it holds there because
+    the whole transaction runs on one server connection. A listener on this session only: sessions without a
+    bound run no event for it. Other databases than PostgreSQL have no statement_timeout: nothing is sent.
+    """
+    event.listen(session.sync_session, "after_begin", _setting_timeout(milliseconds))
+
+
+@functools.cache
+def _setting_timeout(milliseconds: int) -> Callable[[Session, SessionTransaction, Connection], None]:
+    statement = f"SET LOCAL statement_timeout = {milliseconds}"
+
+    def set_timeout(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+        # A savepoint runs inside the transaction that has it already.
+        if not transaction.nested and connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(statement)
+
+    return set_timeout
 
 
 def _lost_at_commit(error: sa_exc.DBAPIError | TimeoutError) -> bool:
@@ -345,8 +376,10 @@ async def _committed_after_all(session: GuardedSession, lost: LostCommit, error:
     if xid is None:
         message = COMMIT_OUTCOME_NOT_ASKED
         logger.error(message)
+        note_outcome_check("off", None)
         raise CommitOutcomeUnknownError(message, None) from error
     outcome, reason = await lost.reader.outcome(xid)
+    note_outcome_check(outcome or "unknown", xid)
     if outcome == "aborted":
         logger.warning(COMMIT_LEARNED_ABORTED.format(xid=xid))
         return False
@@ -451,9 +484,9 @@ for _name in _GUARDED_METHODS:
         setattr(GuardedSession, _name, _guard(getattr(AsyncSession, _name)))
 
 
-async def _close(session: AsyncSession, seconds: float) -> None:
+async def _close(session: AsyncSession, seconds: float) -> str:
     """close(): roll back whatever is still open and give the connection back; if that fails, or gets no answer
-    within ``seconds``, log and discard.
+    within ``seconds``, log and discard. Returns which: "rolled_back", "discarded" or "timed_out".
 
     Never raises: the scope's own outcome (the app's exception, or the response already sent) is what the
     caller must hear of, and nothing of the transaction was committed either way.
@@ -470,9 +503,20 @@ async def _close(session: AsyncSession, seconds: float) -> None:
     except Exception:
         logger.warning(CLEANUP_FAILED, exc_info=True)
         _discard(transaction)
+        # The timer went off (it closed the connection under the rollback) if its time has come.
+        cut_off = timer is not None and timer.when() <= asyncio.get_running_loop().time()
+        return "timed_out" if cut_off else "discarded"
     finally:
         if timer is not None:
             timer.cancel()
+    return "rolled_back"
+
+
+async def _traced_close(session: AsyncSession, seconds: float, spans: Spans, reason: str) -> None:
+    """_close() under the cleanup span, which says why the transaction was rolled back and what became of the
+    connection."""
+    with spans.cleanup(reason) as span:
+        span.set_attribute(CLEANUP_OUTCOME, await _close(session, seconds))
 
 
 def _cut_off(transaction: SessionTransaction | None, seconds: float) -> None:
@@ -521,12 +565,33 @@ async def _commit_then_close(session: AsyncSession, cleanup_timeout: float) -> N
         await _close(session, cleanup_timeout)
 
 
+async def _traced_commit_then_close(session: AsyncSession, cleanup_timeout: float, spans: Spans) -> None:
+    """_commit_then_close() with the commit's span, and the cleanup's when the commit failed and left the
+    transaction to roll back (after a commit, close() has nothing to send)."""
+    token = hooks_deferred.set(True)  # the callbacks run after the shield, in finish()
+    try:
+        if session.in_transaction():
+            with spans.commit("call_end"):
+                await session.commit()
+    finally:
+        hooks_deferred.reset(token)
+        if session.in_transaction():
+            await _traced_close(session, cleanup_timeout, spans, "commit_failed")
+        else:
+            await _close(session, cleanup_timeout)
+
+
 async def _commit_deferring_hooks(session: AsyncSession) -> None:
     token = hooks_deferred.set(True)  # the callbacks run after the shield, in commit()
     try:
         await session.commit()
     finally:
         hooks_deferred.reset(token)
+
+
+async def _traced_commit_deferring_hooks(session: AsyncSession, spans: Spans, when: str) -> None:
+    with spans.commit(when):
+        await _commit_deferring_hooks(session)
 
 
 def cancel_other_task(session: AsyncSession) -> None:
@@ -542,11 +607,20 @@ def cancel_other_task(session: AsyncSession) -> None:
         busy.cancel()
 
 
-async def finish(session: AsyncSession, *, commit: bool, cleanup_timeout: float) -> None:
+async def finish(
+    session: AsyncSession,
+    *,
+    commit: bool,
+    cleanup_timeout: float,
+    spans: Spans | None = None,
+    rollback_reason: str = "",
+) -> None:
     """Commit (when ``commit`` and a transaction is open), then close, shielded from cancellation.
 
     A failed commit is raised; a failed close (its rollback), or one not done within ``cleanup_timeout``
-    seconds, is logged and its connection discarded.
+    seconds, is logged and its connection discarded. With ``spans``, the commit and the rollback of an open
+    transaction each have their span (the commit's ``when`` is "call_end"); ``rollback_reason`` says on the
+    cleanup's why nothing was committed.
     """
     if not session.in_transaction() and getattr(session, "_busy_task", None) is None:
         # Nothing begun, so no connection: close() only forgets the session's objects. It does no IO and so
@@ -558,7 +632,12 @@ async def finish(session: AsyncSession, *, commit: bool, cleanup_timeout: float)
         else:
             await session.close()
         return
-    if commit:
+    if spans is not None:
+        if commit:
+            await shielded(_traced_commit_then_close(session, cleanup_timeout, spans))
+        else:
+            await shielded_starting_now(_traced_close(session, cleanup_timeout, spans, rollback_reason))
+    elif commit:
         await shielded(_commit_then_close(session, cleanup_timeout))
     else:
         # Started at once: after a response, the next request may be waiting for this connection.
@@ -567,11 +646,15 @@ async def finish(session: AsyncSession, *, commit: bool, cleanup_timeout: float)
         await run_due_hooks(session)
 
 
-async def commit(session: AsyncSession) -> None:
+async def commit(session: AsyncSession, spans: Spans | None = None, when: str = "") -> None:
     """Commit, shielded from cancellation: a commit is never left half-sent on the connection.
 
-    Then the on_commit callbacks that the commit made due, outside the shield.
+    Then the on_commit callbacks that the commit made due, outside the shield. With ``spans``, under the commit
+    span, whose ``when`` says where the caller commits.
     """
-    await shielded(_commit_deferring_hooks(session))
+    if spans is None:
+        await shielded(_commit_deferring_hooks(session))
+    else:
+        await shielded(_traced_commit_deferring_hooks(session, spans, when))
     if has_due_hooks(session):
         await run_due_hooks(session)

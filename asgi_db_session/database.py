@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import logging
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
 import sqlalchemy.ext.asyncio
@@ -18,7 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 from sqlalchemy.orm import Session
 
 from ._commit_outcome import CommitOutcomeReader
+from ._extras import require
 from ._orphans import OrphanReaper, server_ends_orphans
+from ._pool_metrics import metrics_provider, record_pool_metrics
 from ._read_only_server import discard_read_only_servers
 from ._session import (
     GuardedSession,
@@ -26,6 +29,7 @@ from ._session import (
     LostCommitNotingSession,
     OutcomeLearningSession,
     WriteTrackingSession,
+    bound_statements,
 )
 from ._urls import redact_url
 from .exceptions import (
@@ -37,6 +41,7 @@ from .exceptions import (
     NO_TARGET_HOST,
     REPLICAS_AS_STRING,
     REPLICAS_WITHOUT_SETTINGS,
+    STATEMENT_TIMEOUT_ABOVE_COMMAND_TIMEOUT,
     TWO_ENGINE_SOURCES,
     UNREACHABLE,
     DatabaseUnavailableError,
@@ -45,6 +50,9 @@ from .exceptions import (
 )
 from .query_insight import _count_queries_on
 from .settings import DEFAULT_CLEANUP_TIMEOUT, DatabaseSettings, _settings_from_environment
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
 
 __all__ = [
     "Database",
@@ -58,6 +66,7 @@ _EngineRole = Literal["primary", "replica"]
 # Recommended for async code: no lazy loads after commit, no implicit IO from autoflush.
 _SESSION_DEFAULTS: Mapping[str, Any] = {"expire_on_commit": False, "autoflush": False, "class_": GuardedSession}
 
+_logger = logging.getLogger("asgi_db_session")
 _registry: dict[str, Database] = {}
 # Connections whose transaction every new session of a database name joins (see Database.sessions_joining).
 _joining: dict[str, AsyncConnection] = {}
@@ -224,6 +233,12 @@ class Database:
     ``engine.sync_engine``) or tracing to all of them. Engines are made with ``create_async_engine`` looked up
     on ``sqlalchemy.ext.asyncio`` at that moment, so OpenTelemetry's ``SQLAlchemyInstrumentor().instrument()``
     covers them too, whenever it ran before they were made.
+
+    Each engine's pool reports OpenTelemetry's ``db.client.connection.*`` metrics when ``DATABASE_METRICS`` says
+    so; by default, when the application configured a MeterProvider before the engine is made.
+    ``meter_provider`` records them with that provider instead of the global one (docs/how-to/metrics.md). The
+    pool of the primary is named after the Database (``default``), each replica's ``<name>/replica-<i>``, ``i``
+    its place in the list of replicas from 0.
     """
 
     def __init__(
@@ -239,6 +254,7 @@ class Database:
         check_on_startup: bool | None = None,
         replicas: Sequence[str] | None = None,
         on_engine: Callable[[AsyncEngine, _EngineRole], object] | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         # Set first, so that repr() works on a Database whose construction failed (a traceback printing locals).
         self.name = name
@@ -280,9 +296,15 @@ class Database:
         self._read_only_makers: Iterator[async_sessionmaker[AsyncSession]] | None = None
         self._primary_read_only: async_sessionmaker[AsyncSession] | None = None
         self._counting_queries = False
+        # The statement timeouts (ms) already compared with the command timeout: each is compared, and logged, once.
+        self._checked_timeouts: set[int] = set()
         self.on_engine = on_engine
+        self._meter_provider = meter_provider
+        if settings is not None and settings.metrics:
+            # Found missing here, at construction, rather than when the engine is made.
+            require("opentelemetry.metrics", extra="opentelemetry", needed_by="DATABASE_METRICS=true (pool metrics)")
         if engine is not None:
-            self._instrument(engine, None, "primary")
+            self._instrument(engine, None, "primary", name)
         _registry[name] = self
         _all_databases.add(self)
 
@@ -327,13 +349,18 @@ class Database:
             assert self.settings is not None
             options = {**self.settings.engine_options(), **self._engine_options}
             self._engine = _create_engine(self.settings.engine_url(), options)
-            self._instrument(self._engine, self.settings, "primary")
+            self._instrument(self._engine, self.settings, "primary", self.name)
         return self._engine
 
-    def _instrument(self, engine: AsyncEngine, settings: DatabaseSettings | None, role: _EngineRole) -> None:
+    def _instrument(
+        self, engine: AsyncEngine, settings: DatabaseSettings | None, role: _EngineRole, pool_name: str
+    ) -> None:
         """What every engine of this Database gets, whether it made the engine or was given it; then the app's
         on_engine hook, last, so that one that raises leaves the engine set up as without it."""
         self._instrument_own(engine, settings)
+        provider = metrics_provider(None if settings is None else settings.metrics, self._meter_provider)
+        if provider is not None:
+            record_pool_metrics(engine, pool_name, provider)
         if self.on_engine is not None:
             self.on_engine(engine, role)
 
@@ -409,10 +436,10 @@ class Database:
         engines = self._replica_engines
         if engines is None:
             engines = self._replica_engines = []
-            for replica in self._replica_settings:
+            for index, replica in enumerate(self._replica_settings):
                 options = {**replica.engine_options(), **self._engine_options}
                 engine = _create_engine(replica.engine_url(), options)
-                self._instrument(engine, replica, "replica")
+                self._instrument(engine, replica, "replica", f"{self.name}/replica-{index}")
                 engines.append(engine)
         return engines
 
@@ -460,6 +487,30 @@ class Database:
                 # Tells the request which of its reads must stay on the primary; only with replicas, as it costs.
                 options["sync_session_class"] = _tracking_writes(sync_class)
         return async_sessionmaker(engine, **options)
+
+    def _bound_statements(self, session: AsyncSession, milliseconds: int) -> None:
+        """Bound every statement of ``session`` to ``milliseconds`` on the server (see ``bound_statements``);
+        the first time a value is asked, a warning if the client's own bound would fire first."""
+        checked = self._checked_timeouts
+        if milliseconds not in checked:
+            checked.add(milliseconds)
+            command_timeout = self._command_timeout()
+            if command_timeout is not None and milliseconds >= command_timeout * 1000:
+                _logger.warning(
+                    STATEMENT_TIMEOUT_ABOVE_COMMAND_TIMEOUT.format(
+                        seconds=milliseconds / 1000, name=self.name, command_timeout=command_timeout
+                    )
+                )
+        bound_statements(session, milliseconds)
+
+    def _command_timeout(self) -> float | None:
+        """asyncpg's command_timeout of the primary, as the settings and the URL make it; None when there is none
+        or it is not known (an engine given as it is)."""
+        settings = self.settings
+        if settings is None or self._engine is None or self._engine.dialect.driver != "asyncpg":
+            return None
+        timeout = settings.engine_options().get("connect_args", {}).get("command_timeout")
+        return timeout if isinstance(timeout, int | float) else None
 
     def _primary_read_only_maker(self) -> async_sessionmaker[AsyncSession]:
         maker = self._primary_read_only

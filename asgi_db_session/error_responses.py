@@ -34,6 +34,9 @@ _UNIQUE_VIOLATION = "23505"
 _EXCLUSION_VIOLATION = "23P01"
 _SERIALIZATION_FAILURE = "40001"
 _DEADLOCK_DETECTED = "40P01"
+# query_canceled: statement_timeout (a route's, or DATABASE_STATEMENT_TIMEOUT) fired, or an administrator's
+# pg_cancel_backend(). The transaction is aborted, nothing of it is saved, and the connection stays usable.
+_QUERY_CANCELED = "57014"
 # The server cannot serve now: shutting down, starting up, out of connection slots; class 08 is a lost link.
 _UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
 # SQLite extended result codes (sqlite3 sets ``sqlite_errorcode`` on its errors).
@@ -142,7 +145,8 @@ def default_error_response(error: BaseException) -> ErrorResponse | None:
     (the server restarted, or became read-only: see _read_only_server.py), a server that refuses connections
     or is starting or shutting down, a full pool (``sqlalchemy.exc.TimeoutError``) or a server out of
     connection slots, a statement that got no answer within ``DATABASE_COMMAND_TIMEOUT`` (a TimeoutError
-    raised by the driver), a busy SQLite database.
+    raised by the driver), a statement the server cancelled (57014: its ``statement_timeout`` fired, a
+    route's or ``DATABASE_STATEMENT_TIMEOUT``), a busy SQLite database.
     """
     if isinstance(error, sa_exc.TimeoutError | DatabaseUnavailableError) or _database_timed_out(error):
         return SERVICE_UNAVAILABLE
@@ -159,7 +163,7 @@ def default_error_response(error: BaseException) -> ErrorResponse | None:
     state = _sqlstate(error)
     if state in (_UNIQUE_VIOLATION, _EXCLUSION_VIOLATION):
         return CONFLICT
-    if state in (_SERIALIZATION_FAILURE, _DEADLOCK_DETECTED) or state in _UNAVAILABLE_SQLSTATES:
+    if state in (_SERIALIZATION_FAILURE, _DEADLOCK_DETECTED, _QUERY_CANCELED) or state in _UNAVAILABLE_SQLSTATES:
         return SERVICE_UNAVAILABLE
     if state is not None and state.startswith("08"):
         return SERVICE_UNAVAILABLE

@@ -77,6 +77,7 @@ __all__ = [
     "POLICY_TOO_LATE",
     "POLICY_WITHOUT_SESSION",
     "REPLAY_BODY_SIZE",
+    "REPLAY_NOT_INSTALLED",
     "REPLICAS_AS_STRING",
     "REPLICAS_WITHOUT_SETTINGS",
     "RETRY_ATTEMPTS",
@@ -91,6 +92,8 @@ __all__ = [
     "SSL_MODES_DISAGREE",
     "SSL_NO_ROOT_CERT",
     "SSL_SYSTEM_NEEDS_VERIFY_FULL",
+    "STATEMENT_TIMEOUT_ABOVE_COMMAND_TIMEOUT",
+    "STATEMENT_TIMEOUT_INVALID",
     "SYNC_DRIVER",
     "TABLES_EXIST",
     "TESTING_EXTRA_MISSING",
@@ -234,7 +237,20 @@ NO_TARGET_HOST = (
 # Database.check(): the reason, then what to do.
 CHECK_FAILED = "{error}. Check DATABASE_URL and that the server is running and accepts connections."
 HEALTH_TIMEOUT = "timeout must be a positive number of seconds, got {timeout!r}"
-POLICY_WITHOUT_SESSION = "session_policy(session=False) takes no read_only= or commit_on_success=: there is no session."
+POLICY_WITHOUT_SESSION = (
+    "session_policy(session=False) takes no read_only=, commit_on_success= or statement_timeout=: there is no session."
+)
+STATEMENT_TIMEOUT_INVALID = (
+    "statement_timeout= takes a positive number of seconds (an int, a float or a timedelta) of at most "
+    "2147483.647 (PostgreSQL's limit), or None for no bound of its own; got {value!r}."
+)
+# Logged once per Database and value: the client's bound fires first, so the route's bound never does.
+STATEMENT_TIMEOUT_ABOVE_COMMAND_TIMEOUT = (
+    "statement_timeout={seconds:g} asked of a session of database {name!r} is not below its "
+    "DATABASE_COMMAND_TIMEOUT ({command_timeout:g} s): the client stops waiting first, throws the connection "
+    "away and answers 503, before the server's bound can fire. Keep the statement timeout below the command "
+    "timeout, or raise DATABASE_COMMAND_TIMEOUT for this database."
+)
 POLICY_CANNOT_MARK = (
     "session_policy() cannot mark {name}: it takes no attributes (a bound method or a functools.partial?). "
     "Mark the function itself, or the HTTPEndpoint class."
@@ -343,6 +359,12 @@ OWN_EVENT_LOOP = "it started an event loop of its own: {error}"
 REPLAY_BODY_SIZE = (
     "ReplayConflicts(max_body_size={size!r}): the largest request body kept for a replay, in bytes, must be a "
     "whole number of at least 0 (0 replays only requests without a body)."
+)
+REPLAY_NOT_INSTALLED = (
+    "The endpoint {endpoint} is marked session_policy(replay_conflicts=True), but its request that lost a race "
+    "(SQLSTATE {state}) was answered, not run again: no ReplayConflicts wraps DBSessionMiddleware (or it sits "
+    "inside it). Add it last, so that it is outermost: app.add_middleware(ReplayConflicts, only_marked=True) after "
+    "app.add_middleware(DBSessionMiddleware). (Said once per endpoint.)"
 )
 RETRY_ATTEMPTS = (
     "{call}(attempts={attempts!r}): attempts counts every run of the work, the first included, so it "

@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._context import ScopeState, scope_var
 from ._lazy_loads import log_lazy_load
 from ._session import cancel_other_task, commit, finish
+from ._tracing import request_spans
 from ._types import AnyASGIApp, ASGIApp, Message, Receive, Scope, Send
 from .database import Database, _EngineRole
 from .error_responses import INTERNAL_SERVER_ERROR, ErrorResponse, ErrorResponseMapper, default_error_response
@@ -30,6 +31,9 @@ from .exceptions import (
 from .query_insight import QueryStats, _stats_var, _warn_if_over
 from .replay import _note_answered
 from .settings import DatabaseSettings
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 __all__ = [
     "DBSessionMiddleware",
@@ -97,6 +101,18 @@ class _RequestState(ScopeState):
     failure_response: ErrorResponse | None = None
 
 
+def _rollback_reason(state: _RequestState) -> str:
+    """Why a request's transaction is not committed at the end of the call, for the cleanup's span. (When it is,
+    the cleanup's span, if the commit fails, says "commit_failed".)"""
+    if not state.commit_on_success:
+        return "not_committing"  # the policy: only what the app committed itself is kept
+    if state.failure is not None:
+        return "commit_failed"
+    if not state.keep:
+        return "error"  # a status of 400 or more, an exception, a cancellation, an abnormal WebSocket close
+    return "incomplete"  # the response never went out whole (its client left), or the WebSocket never opened
+
+
 def _watching_disconnects(receive: Receive, state: _RequestState) -> Receive:
     async def receive_wrapper() -> Message:
         message = await receive()
@@ -136,6 +152,12 @@ class DBSessionMiddleware:
 
     ``on_engine(engine, role)`` is called for every engine of the Database the middleware builds, the primary
     and each replica, as it is created (see ``Database``): for event listeners or tracing on all of them.
+
+    With OpenTelemetry set up, the middleware's commit and its cleanup (the rollback and close of a transaction
+    left open) each make a span of their own, under the request's span, with the statements they run nested
+    under them (docs/how-to/tracing.md). ``tracer_provider`` None takes the global TracerProvider, if the app set
+    one by the time the middleware is built or its lifespan startup completes; a TracerProvider given is used as
+    it is; OpenTelemetry's ``NoOpTracerProvider()`` turns the spans off.
     """
 
     def __init__(
@@ -155,6 +177,7 @@ class DBSessionMiddleware:
         server_timing: bool = False,
         warn_over_queries: int | None = None,
         on_engine: Callable[[AsyncEngine, _EngineRole], object] | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         given = [
             arg
@@ -208,6 +231,14 @@ class DBSessionMiddleware:
         if self._counting:
             database.count_queries()
         self._stats_var = _stats_var(database.name)
+        self._tracer_provider = tracer_provider
+        self._spans = request_spans(tracer_provider, database.name)
+
+    def _look_for_tracing(self) -> None:
+        """Take the global TracerProvider if the app has set one since the middleware was built (in its lifespan
+        startup, say), unless one was given."""
+        if self._spans is None and self._tracer_provider is None:
+            self._spans = request_spans(None, self.database.name)
 
     def __repr__(self) -> str:
         if self._settings_error is not None:
@@ -269,7 +300,7 @@ class DBSessionMiddleware:
             log_lazy_load(exc, f"{scope.get('method', 'WEBSOCKET')} {scope.get('path', '')}")
             failure = state.failure
             if failure is None:
-                if state.started or not await self._answer_error(scope, send, exc):
+                if state.started or not await self._answer_error(scope, send, exc, state):
                     raise
             elif state.failure_response is None:
                 raise failure from failure.__cause__  # not the app's re-raise of it: the database error
@@ -286,11 +317,21 @@ class DBSessionMiddleware:
                 state.ended = True  # end() without its bookkeeping of a session, the common case
             else:
                 state.end()
-                await finish(
-                    session,
-                    commit=state.keep and state.complete and state.commit_on_success,
-                    cleanup_timeout=state.database.cleanup_timeout,
-                )
+                spans = self._spans
+                if spans is None:
+                    await finish(
+                        session,
+                        commit=state.keep and state.complete and state.commit_on_success,
+                        cleanup_timeout=state.database.cleanup_timeout,
+                    )
+                else:
+                    await finish(
+                        session,
+                        commit=state.keep and state.complete and state.commit_on_success,
+                        cleanup_timeout=state.database.cleanup_timeout,
+                        spans=spans,
+                        rollback_reason=_rollback_reason(state),
+                    )
             if counting:
                 self._stats_var.reset(stats_token)
                 if self.warn_over_queries is not None:
@@ -313,12 +354,12 @@ class DBSessionMiddleware:
                 state.keep = False
             elif session is not None and state.commit_on_success and session.in_transaction():
                 try:
-                    await commit(session)
+                    await commit(session, self._spans, "before_response")
                 except Exception as exc:
                     state.keep = False
                     response = state.failure_response = self.error_response(exc)
                     response = response or INTERNAL_SERVER_ERROR
-                    _note_answered(exc)
+                    _note_answered(exc, state.route_policy)
                     text = COMMIT_FAILED_UNKNOWN if isinstance(exc, CommitOutcomeUnknownError) else COMMIT_FAILED
                     failure = state.failure = CommitFailedError(
                         text.format(name=self.database.name, status=response.status, app_status=message["status"])
@@ -333,7 +374,7 @@ class DBSessionMiddleware:
             if not message.get("more_body", False):
                 if state.keep and session is not None and state.commit_on_success and session.in_transaction():
                     try:
-                        await commit(session)
+                        await commit(session, self._spans, "before_last_body")
                     except Exception as exc:
                         state.keep = False
                         unknown = isinstance(exc, CommitOutcomeUnknownError)
@@ -349,14 +390,14 @@ class DBSessionMiddleware:
             state.keep = False
         await send(message)
 
-    async def _answer_error(self, scope: Scope, send: Send, error: Exception) -> bool:
+    async def _answer_error(self, scope: Scope, send: Send, error: Exception, state: _RequestState) -> bool:
         """Send the mapped response for ``error`` (True), or leave it to the server's handling (False)."""
         if scope["type"] != "http":
             return False
         response = self.error_response(error)
         if response is None:
             return False
-        _note_answered(error)
+        _note_answered(error, state.route_policy)
         _log_answered(scope, error, response)
         for message in response.messages():
             await send(message)
@@ -402,7 +443,9 @@ class DBSessionMiddleware:
 
         async def send_wrapper(message: Message) -> None:
             answered.add(message["type"])
-            if message["type"] in _SHUTDOWN_TYPES and self.dispose_on_shutdown:
+            if message["type"] == "lifespan.startup.complete":
+                self._look_for_tracing()  # the app's startup may have set up OpenTelemetry
+            elif message["type"] in _SHUTDOWN_TYPES and self.dispose_on_shutdown:
                 await database.dispose()
             await send(message)
 
@@ -418,6 +461,7 @@ class DBSessionMiddleware:
         if answered & {"lifespan.startup.failed", *_SHUTDOWN_TYPES}:
             return
         if "lifespan.startup.complete" not in answered:
+            self._look_for_tracing()
             await send({"type": "lifespan.startup.complete"})
         if "lifespan.shutdown" not in received:
             await receive()  # the server's lifespan.shutdown: the only message left in the protocol

@@ -16,10 +16,11 @@ import functools
 import inspect
 import types
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar, cast
 
 from ._context import follow_route_policy
-from ._routes import POLICY_ATTRIBUTE, SessionPolicy
+from ._routes import POLICY_ATTRIBUTE, SessionPolicy, statement_timeout_ms
 from .exceptions import POLICY_CANNOT_MARK, POLICY_WITHOUT_SESSION
 
 __all__ = [
@@ -31,7 +32,12 @@ _Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
 
 
 def session_policy(
-    *, session: bool = True, read_only: bool = False, commit_on_success: bool | None = None
+    *,
+    session: bool = True,
+    read_only: bool = False,
+    commit_on_success: bool | None = None,
+    statement_timeout: float | timedelta | None = None,
+    replay_conflicts: bool | None = None,
 ) -> Callable[[_Endpoint], _Endpoint]:
     """Mark an endpoint (function or HTTPEndpoint class) with its own session policy, for every database.
 
@@ -40,17 +46,33 @@ def session_policy(
     - ``read_only=True``: its session runs a read-only transaction (enforced by PostgreSQL; other databases
       do not enforce it), on a replica when the database has replicas.
     - ``commit_on_success=True`` or ``False``: overrides the middleware's ``commit_on_success``.
+    - ``statement_timeout=0.5`` (seconds, or a ``timedelta``): PostgreSQL cancels any statement of its
+      sessions that runs longer, with ``SET LOCAL statement_timeout`` at the start of each transaction (so it
+      holds behind PgBouncer in transaction mode, and ends with the transaction); the client gets a 503 with
+      ``Retry-After``, nothing of the transaction is committed. Over ``DATABASE_STATEMENT_TIMEOUT`` in either
+      direction; other databases than PostgreSQL ignore it (docs/how-to/timeouts.md).
+    - ``replay_conflicts=True``: a request that lost a race (40001, 40P01) is run again by ``ReplayConflicts``,
+      which then needs to wrap the app (``ReplayConflicts(app, only_marked=True)`` replays only such
+      endpoints); ``False``: never run again, even under a ``ReplayConflicts`` that replays every request.
 
     On Starlette, FastAPI and Litestar it works above or below the route decorator; on other frameworks put it
     directly on the function (below the route decorator), as it returns a wrapper that applies the policy when
     the endpoint is called (docs/how-to/route-policy-frameworks.md).
     """
-    if not session and (read_only or commit_on_success is not None):
+    milliseconds = statement_timeout_ms(statement_timeout)
+    if not session and (read_only or commit_on_success is not None or milliseconds is not None):
         raise ValueError(POLICY_WITHOUT_SESSION)
 
     def mark(endpoint: _Endpoint) -> _Endpoint:
         name = getattr(endpoint, "__qualname__", None) or repr(endpoint)
-        policy = SessionPolicy(session, read_only, commit_on_success, name)
+        policy = SessionPolicy(
+            session,
+            read_only,
+            commit_on_success,
+            name,
+            statement_timeout=milliseconds,
+            replay_conflicts=replay_conflicts,
+        )
         try:
             setattr(endpoint, POLICY_ATTRIBUTE, policy)
         except AttributeError:

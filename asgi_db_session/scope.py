@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
@@ -11,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ._context import ScopeState, enter, leave, scope_var
 from ._lazy_loads import log_lazy_load
+from ._routes import statement_timeout_ms
 from .database import get_database
 from .exceptions import SCOPE_SESSION_CLASS
 
@@ -24,15 +26,21 @@ _CLASS_OPTIONS = ("class_", "sync_session_class")
 
 
 class _SessionScope(AbstractAsyncContextManager[AsyncSession]):
-    __slots__ = ("_commit", "_name", "_read_only", "_session_options", "_state", "_token")
+    __slots__ = ("_commit", "_name", "_read_only", "_session_options", "_state", "_statement_timeout", "_token")
 
     def __init__(
-        self, name: str, commit: bool | None, read_only: bool | None, session_options: Mapping[str, Any] | None
+        self,
+        name: str,
+        commit: bool | None,
+        read_only: bool | None,
+        session_options: Mapping[str, Any] | None,
+        statement_timeout: int | None = None,
     ) -> None:
         self._name = name
         self._commit = commit
         self._read_only = read_only
         self._session_options = session_options
+        self._statement_timeout = statement_timeout
 
     async def __aenter__(self) -> AsyncSession:
         var = scope_var(self._name)
@@ -42,14 +50,19 @@ class _SessionScope(AbstractAsyncContextManager[AsyncSession]):
             if outer.asgi_scope is not None:
                 outer.apply_route_policy()  # the endpoint's policy, which this block follows by default
             database, policy, read_only = outer.database, outer.commit_on_success, outer.read_only
+            statement_timeout = outer.statement_timeout
         else:
             database = get_database(self._name)
-            policy, read_only = database.commit_on_success, False
+            policy, read_only, statement_timeout = database.commit_on_success, False, None
         if self._read_only is not None:
             read_only = self._read_only
+        if self._statement_timeout is not None:
+            statement_timeout = self._statement_timeout
         state = self._state = ScopeState(database, policy if self._commit is None else self._commit)
         state.outer = outer
         state.read_only = read_only
+        if statement_timeout is not None:
+            state.statement_timeout = statement_timeout
         if self._session_options is not None:
             state.session_options = self._session_options
         session = state.open()
@@ -70,6 +83,7 @@ def session_scope(
     commit: bool | None = None,
     read_only: bool | None = None,
     session_options: Mapping[str, Any] | None = None,
+    statement_timeout: float | timedelta | None = None,
 ) -> AbstractAsyncContextManager[AsyncSession]:
     """Open a NEW session for the block, and make it what ``current_session(name)`` returns inside it.
 
@@ -85,10 +99,16 @@ def session_scope(
 
     ``session_options`` are this block's own session arguments (``autoflush``, ``expire_on_commit``, ``bind``,
     ``info``...) over the database's; the session stays of the database's class (``class_`` is refused).
+
+    ``statement_timeout`` (seconds, or a ``timedelta``): PostgreSQL cancels any statement of the block's session
+    that runs longer (``SET LOCAL statement_timeout`` in each of its transactions; the error is SQLSTATE 57014,
+    and the block rolls back). ``None`` follows the scope around the block (a
+    ``session_policy(statement_timeout=...)`` route), else the connection's own. Other databases ignore it.
     """
+    milliseconds = statement_timeout_ms(statement_timeout)
     if session_options is not None:
         for option in _CLASS_OPTIONS:
             if option in session_options:
                 raise ValueError(SCOPE_SESSION_CLASS.format(option=option))
         session_options = dict(session_options)  # the caller's later changes do not reach the block
-    return _SessionScope(name, commit, read_only, session_options)
+    return _SessionScope(name, commit, read_only, session_options, milliseconds)

@@ -153,6 +153,12 @@ class DatabaseSettings(BaseSettings):
     is unknown (see docs/explanation/commit-outcome.md)."""
     check_on_startup: bool = False
     """At lifespan startup, connect once and fail the startup (with a readable message) if that fails."""
+    metrics: bool | None = None
+    """Record each engine's connection pool metrics, OpenTelemetry's ``db.client.connection.*`` (connections
+    idle and used, limits, requests waiting, timeouts, create, wait and use times). Unset (the default): when the
+    application configured an OpenTelemetry MeterProvider before the engine is made, else nothing is recorded
+    and nothing is paid; ``true``: always, through the global provider, from whenever one is configured (needs
+    the ``opentelemetry`` extra); ``false``: never. See docs/how-to/metrics.md."""
 
     @field_validator("url")
     @classmethod

@@ -362,6 +362,16 @@ def build_asgi_db_session_commit(settings: EngineSettings) -> ASGIApp:
     return _build_asgi_db_session(settings, commit_on_success=True)
 
 
+def build_asgi_db_session_replay(settings: EngineSettings) -> ASGIApp:
+    """commit_on_success=True with ReplayConflicts(only_marked=True) outside: every request's body kept, no route
+    marked. What a replay decided inside DBSessionMiddleware, which knows the endpoint only after routing, would
+    cost every request."""
+    from asgi_db_session import ReplayConflicts
+
+    app = _build_asgi_db_session(settings, commit_on_success=True)
+    return ReplayConflicts(app, only_marked=True)
+
+
 def build_asgi_db_session_commit_check(settings: EngineSettings) -> ASGIApp:
     """commit_on_success=True with DATABASE_COMMIT_OUTCOME_CHECK=true: the transaction id read before COMMIT.
 
@@ -392,6 +402,29 @@ def build_asgi_db_session_unguarded(settings: EngineSettings) -> ASGIApp:
     return _build_asgi_db_session(
         settings, commit_on_success=False, session_options={**SESSION_OPTIONS, "class_": AsyncSession}
     )
+
+
+def build_asgi_db_session_metrics(settings: EngineSettings) -> ASGIApp:
+    """asgi-db-session with its pool metrics recorded (OpenTelemetry's SDK, a MeterProvider of the app's own).
+
+    The reader is never collected: what is measured is the recording each request does (the checkout's wrapper,
+    the checkin's listener, their histograms); a real reader collects every few seconds at most, apart from the
+    requests.
+    """
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from asgi_db_session import Database, DBSessionMiddleware, current_session
+
+    def get_session(request: Request) -> AsyncSession:
+        return current_session()
+
+    database = Database(
+        engine=settings.create_engine(), meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()])
+    )
+    app = Starlette(routes=_middleware_routes(get_session, commit=True))
+    app.add_middleware(DBSessionMiddleware, database=database)
+    return app
 
 
 # ---- registry ----------------------------------------------------------------------------------------------
@@ -452,12 +485,24 @@ APPS: dict[str, AppSpec] = {
             build_asgi_db_session_commit,
         ),
         AppSpec(
+            "asgi-db-session-replay",
+            "the same with ReplayConflicts(only_marked=True) outside, no route marked",
+            build_asgi_db_session_replay,
+            in_default_run=False,
+        ),
+        AppSpec(
             "asgi-db-session-commit-check",
             "the same with DATABASE_COMMIT_OUTCOME_CHECK=true: the transaction id read before COMMIT",
             build_asgi_db_session_commit_check,
             in_default_run=False,
         ),
         AppSpec("asgi-db-session-fastapi", "FastAPI + DBSessionMiddleware", build_asgi_db_session_fastapi),
+        AppSpec(
+            "asgi-db-session-metrics",
+            "Starlette + DBSessionMiddleware with the pool metrics recorded (OpenTelemetry SDK)",
+            build_asgi_db_session_metrics,
+            in_default_run=False,
+        ),
         AppSpec(
             "asgi-db-session-unguarded",
             "Starlette + DBSessionMiddleware(session_options={'class_': AsyncSession}): no concurrency guard",

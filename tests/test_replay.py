@@ -69,9 +69,9 @@ class DeadlockApp:
         return StreamingResponse(body())
 
 
-def wrapped(app: ASGIApp, **options: int) -> ReplayConflicts:
+def wrapped(app: ASGIApp, attempts: int = 3, max_body_size: int = 64 * 1024) -> ReplayConflicts:
     # Outside DBSessionMiddleware, as app.add_middleware(ReplayConflicts) after it would put it.
-    return ReplayConflicts(app, **options, backoff=0.01, max_backoff=0.05)
+    return ReplayConflicts(app, attempts=attempts, max_body_size=max_body_size, backoff=0.01, max_backoff=0.05)
 
 
 async def post_both(app: DeadlockApp) -> list[httpx.Response]:

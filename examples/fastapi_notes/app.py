@@ -16,6 +16,7 @@ from asgi_db_session.health import health_endpoint
 
 from ..notes import services
 from ..notes.app import notes_database, notes_lifespan
+from ..notes.metrics import metrics
 from ..notes.models import TITLE_MAX_LENGTH, Note, as_utc
 from ..notes.routes import MALFORMED_JSON, invalid_note, note_not_found
 
@@ -74,6 +75,7 @@ def create_app(database_url: str | None = None) -> FastAPI:
     )
     app.add_middleware(DBSessionMiddleware, database=database)
     app.add_route("/health", health_endpoint(), methods=["GET"])
+    app.add_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
 
     @app.post("/notes", status_code=201)
     async def create_note(note: NoteIn) -> NoteOut:

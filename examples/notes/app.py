@@ -12,6 +12,7 @@ from starlette.middleware import Middleware
 
 from asgi_db_session import Database, DBSessionMiddleware
 
+from .metrics import meter_provider
 from .models import create_tables
 from .routes import exception_handlers, routes
 
@@ -34,7 +35,8 @@ def notes_database(database_url: str | None = None) -> tuple[Database, str]:
         database_url, source = DEFAULT_DATABASE_URL, "the default; set DATABASE_URL to use another database"
     # The commit policy goes on the Database, where the middleware reads it, so that session_scope() blocks
     # (a script, a worker) follow it too; given to the middleware alone, it would apply to requests only.
-    return Database(database_url, commit_on_success=True), source
+    # Its pool metrics go to /metrics (metrics.py).
+    return Database(database_url, commit_on_success=True, meter_provider=meter_provider()), source
 
 
 def notes_lifespan(database: Database, source: str) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:

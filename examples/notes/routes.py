@@ -11,6 +11,7 @@ from starlette.routing import Route
 from asgi_db_session import Database
 
 from . import services
+from .metrics import metrics
 from .models import Note, as_utc
 
 MALFORMED_JSON = "the body is not valid JSON"
@@ -66,6 +67,7 @@ routes = [
     Route("/notes/{note_id:int}", get_note, methods=["GET"]),
     Route("/notes/{note_id:int}", delete_note, methods=["DELETE"]),
     Route("/health", health, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
 ]
 
 # Raised by the services; the responses they become are 4xx, so the middleware rolls the request back.

@@ -14,6 +14,9 @@ off, as here, that is not needed, and it would leave one named statement per exe
 connections, since nothing deallocates them in transaction mode: the last test shows that this does not happen.)
 The pool's pre-ping (on by default) runs in an explicit transaction of its own (SQLAlchemy 2.0.21+), so it
 too works through PgBouncer, and it is what takes a client connection that PgBouncer dropped out of the pool.
+A route's ``session_policy(statement_timeout=...)`` is ``SET LOCAL`` in each of its transactions: it holds through
+PgBouncer and ends with the transaction, where a plain ``SET`` would stay on the server connection for the next
+client (the last two tests, with one server connection).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -34,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from asgi_db_session import Database, DatabaseSettings, DBSessionMiddleware, current_session
+from asgi_db_session import Database, DatabaseSettings, DBSessionMiddleware, current_session, session_policy
 
 from ..conftest import client
 from .pgbouncer import DEFAULT_POOL_SIZE, PgBouncer, running_pgbouncer
@@ -233,3 +237,88 @@ async def test_pre_ping_replaces_connections_after_pgbouncer_restarts(
     assert run.errors == Counter(), run.errors
     assert run.statuses == {200: 300, 201: 100}, run.statuses
     assert await count_rows(postgresql_dsn) == 100
+
+
+async def server_connection_state(bouncer: PgBouncer) -> list[object]:
+    """The backend and the statement_timeout that another client of PgBouncer gets: its own transaction lands on
+    whichever server connection is free."""
+    other = await asyncpg.connect(bouncer.dsn, statement_cache_size=0)
+    try:
+        return [await other.fetchval(sql) for sql in ("SELECT pg_backend_pid()", "SHOW statement_timeout")]
+    finally:
+        await other.close()
+
+
+async def test_a_route_statement_timeout_holds_through_pgbouncer_and_ends_with_its_transaction(
+    postgresql_dsn: str, table: str, tmp_path: Path
+) -> None:
+    """session_policy(statement_timeout=...) is SET LOCAL in the route's transaction: PgBouncer runs the whole
+    transaction on one server connection, so the bound holds, and it ends there, rolled back or committed, so the
+    next transaction on that server connection, another client's or the app's, runs under the server's own
+    setting."""
+
+    async def state() -> list[object]:
+        session = current_session()
+        return [await session.scalar(text(sql)) for sql in ("SELECT pg_backend_pid()", "SHOW statement_timeout")]
+
+    slow_saw: list[object] = []
+
+    @session_policy(statement_timeout=0.2)
+    async def slow(request: Request) -> Response:
+        slow_saw.extend(await state())
+        await current_session().execute(text(f"INSERT INTO {TABLE} (id, name) VALUES (1, 'lost')"))
+        await current_session().execute(text("SELECT pg_sleep(5)"))
+        return JSONResponse("slept")
+
+    @session_policy(statement_timeout=0.2)
+    async def fast(request: Request) -> Response:
+        await current_session().execute(text(f"INSERT INTO {TABLE} (id, name) VALUES (2, 'kept')"))
+        return JSONResponse(await state())
+
+    async def show(request: Request) -> Response:
+        return JSONResponse(await state())
+
+    # One server connection behind PgBouncer: every transaction, of any client, runs on it.
+    async with running_pgbouncer(tmp_path / "pgbouncer", pool_size=1) as bouncer:
+        database = database_through(bouncer, pgbouncer=True)
+        app = Starlette(routes=[Route("/slow", slow), Route("/fast", fast), Route("/show", show)])
+        app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=True)
+        try:
+            async with client(app) as http:
+                started = time.monotonic()
+                cancelled = await http.get("/slow")
+                elapsed = time.monotonic() - started
+                after_cancelled = [(await http.get("/show")).json(), await server_connection_state(bouncer)]
+                committed = await http.get("/fast")
+                after_committed = [(await http.get("/show")).json(), await server_connection_state(bouncer)]
+        finally:
+            await database.dispose()
+
+    assert cancelled.status_code == 503, cancelled.text
+    assert cancelled.headers["retry-after"] == "1"
+    assert elapsed < 1.5, elapsed
+    server_pid = slow_saw[0]
+    assert slow_saw == [server_pid, "200ms"]
+    assert committed.json() == [server_pid, "200ms"]
+    assert after_cancelled == after_committed == [[server_pid, "0"], [server_pid, "0"]]
+    # The write before the sleep was rolled back; the fast route's was committed.
+    connection = await asyncpg.connect(postgresql_dsn)
+    try:
+        assert await connection.fetch(f"SELECT id, name FROM {TABLE}") == [(2, "kept")]
+    finally:
+        await connection.close()
+
+
+async def test_a_plain_set_through_pgbouncer_reaches_the_next_client(postgresql_dsn: str, tmp_path: Path) -> None:
+    """Why the bound is SET LOCAL: a session-level SET stays on PgBouncer's server connection after the
+    transaction, and the next client whose transaction lands there runs under it."""
+    async with running_pgbouncer(tmp_path / "pgbouncer", pool_size=1) as bouncer:
+        first = await asyncpg.connect(bouncer.dsn, statement_cache_size=0)
+        second = await asyncpg.connect(bouncer.dsn, statement_cache_size=0)
+        try:
+            await first.execute("SET statement_timeout = 200")
+            assert await second.fetchval("SHOW statement_timeout") == "200ms"
+            await second.execute("RESET statement_timeout")
+        finally:
+            await first.close()
+            await second.close()
