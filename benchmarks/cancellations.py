@@ -57,7 +57,14 @@ from starlette.requests import Request
 from starlette.types import ASGIApp
 
 from benchmarks.apps import APPS, HANDWRITTEN, OURS, _middleware_routes
-from benchmarks.common import EXPECTED_BODY, EngineSettings, database_url, prepare_table
+from benchmarks.common import (
+    EXPECTED_BODY,
+    EngineSettings,
+    database_url,
+    drop_database,
+    prepare_table,
+    recreate_database,
+)
 from benchmarks.driver import Lifespan, Message, one_request, request_scope
 from benchmarks.throughput import RESULTS_DIR, environment, write_results
 
@@ -391,23 +398,6 @@ async def measure(key: str, kind: str, way: str, args: argparse.Namespace, url: 
     return run
 
 
-async def create_database(server_dsn: str) -> None:
-    connection = await asyncpg.connect(server_dsn)
-    try:
-        await connection.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        await connection.execute(f"CREATE DATABASE {DATABASE}")
-    finally:
-        await connection.close()
-
-
-async def drop_database(server_dsn: str) -> None:
-    connection = await asyncpg.connect(server_dsn)
-    try:
-        await connection.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-    finally:
-        await connection.close()
-
-
 def _cell(value: float | None) -> str:
     return "n/a" if value is None else f"{value:g}"
 
@@ -469,7 +459,7 @@ async def amain(args: argparse.Namespace) -> int:
     server_dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
     url = base.set(database=DATABASE).render_as_string(hide_password=False)
     dsn = base.set(drivername="postgresql", database=DATABASE).render_as_string(hide_password=False)
-    await create_database(server_dsn)
+    await recreate_database(server_dsn, DATABASE)
     runs: list[Run] = []
     try:
         await prepare_table(url)
@@ -491,7 +481,7 @@ async def amain(args: argparse.Namespace) -> int:
                         )
                     log(f"{key:26} {kind:8} {way:6} {shown}" + (f"; problems: {run.problems}" if run.problems else ""))
     finally:
-        await drop_database(server_dsn)
+        await drop_database(server_dsn, DATABASE)
     print(table(runs, args.apps))
     print(problems(runs))
     payload = {

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import asyncpg
 from sqlalchemy import Column, Integer, MetaData, Table, Text, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -237,3 +238,21 @@ async def clean_inserted(url: str) -> int:
             return int(result.rowcount)
     finally:
         await engine.dispose()
+
+
+async def recreate_database(server_dsn: str, name: str) -> None:
+    """A new, empty database ``name`` on the server of ``server_dsn`` (a plain asyncpg DSN): a benchmark's own."""
+    connection = await asyncpg.connect(server_dsn)
+    try:
+        await connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await connection.execute(f"CREATE DATABASE {name}")
+    finally:
+        await connection.close()
+
+
+async def drop_database(server_dsn: str, name: str) -> None:
+    connection = await asyncpg.connect(server_dsn)
+    try:
+        await connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await connection.close()

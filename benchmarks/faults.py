@@ -64,7 +64,7 @@ import httpx
 from sqlalchemy.engine import make_url
 
 from asgi_db_session.error_responses import OUTCOME_UNKNOWN
-from benchmarks.common import INSERT_FIRST_ID, database_url, prepare_table
+from benchmarks.common import INSERT_FIRST_ID, database_url, drop_database, prepare_table, recreate_database
 from benchmarks.fault_apps import DEFAULT_BOUND, FAULT_APPS, FaultApp
 from benchmarks.throughput import environment, write_results
 from tests.system.server import free_port, serve, uvicorn_command
@@ -368,23 +368,6 @@ def table(results: list[dict[str, Any]]) -> str:
 # ---- the database and the command line ------------------------------------------------------------------------
 
 
-async def create_database(server_dsn: str) -> None:
-    connection = await asyncpg.connect(server_dsn)
-    try:
-        await connection.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        await connection.execute(f"CREATE DATABASE {DATABASE}")
-    finally:
-        await connection.close()
-
-
-async def drop_database(server_dsn: str) -> None:
-    connection = await asyncpg.connect(server_dsn)
-    try:
-        await connection.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-    finally:
-        await connection.close()
-
-
 def _csv(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
@@ -419,7 +402,7 @@ async def amain(args: argparse.Namespace) -> int:
     server_dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
     url = base.set(database=DATABASE).render_as_string(hide_password=False)
     dsn = base.set(drivername="postgresql", database=DATABASE).render_as_string(hide_password=False)
-    await create_database(server_dsn)
+    await recreate_database(server_dsn, DATABASE)
     results: list[dict[str, Any]] = []
     ids = itertools.count(INSERT_FIRST_ID)
     started = time.monotonic()
@@ -435,7 +418,7 @@ async def amain(args: argparse.Namespace) -> int:
                     f"after {result.get('after')}, writes {result.get('writes')}, problems {result['problems']}"
                 )
     finally:
-        await drop_database(server_dsn)
+        await drop_database(server_dsn, DATABASE)
     print(table(results))
     payload = {
         "benchmark": "faults",

@@ -32,14 +32,13 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.apps import APPS, BARE, FLOORS, HANDWRITTEN, OURS
+from benchmarks.apps import BARE, FLOORS, HANDWRITTEN, OURS
 from benchmarks.common import (
     EXPECTED_BODY,
     INSERT_FIRST_ID,
@@ -54,7 +53,7 @@ from benchmarks.common import (
     prepare_table,
 )
 from benchmarks.http_load import uvicorn_command
-from benchmarks.instructions import baseline_for, callgrind_total, pairs, render
+from benchmarks.instructions import callgrind_total, check_counting_args, pairs, per_request_counts, render
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -197,20 +196,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=18631, help="first port the servers listen on (127.0.0.1)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "http-instructions.json", help="results file")
     args = parser.parse_args(argv)
-    args.apps = [a.strip() for a in args.apps.split(",") if a.strip()]
-    args.routes = [r.strip() for r in args.routes.split(",") if r.strip()]
-    unknown = [a for a in args.apps if a not in APPS]
-    if unknown:
-        parser.error(f"unknown app(s) {', '.join(unknown)}; known: {', '.join(APPS)}")
-    bad_routes = [r for r in args.routes if r not in ROUTES]
-    if bad_routes:
-        parser.error(f"unknown route(s) {', '.join(bad_routes)}; known: {', '.join(ROUTES)}")
-    if not 0 < args.small < args.large:
-        parser.error("need 0 < --small < --large")
-    if args.repeat < 1 or args.concurrency < 1:
-        parser.error("--repeat and --concurrency must be at least 1")
-    needed = {baseline_for(route) for route in args.routes}
-    args.apps = [key for key in APPS if key in set(args.apps) | needed]
+    check_counting_args(parser, args)
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
     return args
 
 
@@ -239,13 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not failures:
         shutil.rmtree(workdir, ignore_errors=True)
     by_key = {(job.app, job.route, job.repeat, job.requests): ir for job, ir in counts.items()}
-    runs: dict[tuple[str, str], list[float]] = {}
-    for app, route in todo:
-        for repeat in range(args.repeat):
-            small, large = by_key.get((app, route, repeat, args.small)), by_key.get((app, route, repeat, args.large))
-            if small is not None and large is not None:
-                runs.setdefault((app, route), []).append((large - small) / (args.large - args.small))
-    per_request = {key: statistics.median(values) for key, values in runs.items()}
+    runs, per_request = per_request_counts(by_key, todo, args)
     header = (
         f"Instructions per request of the server (uvicorn under callgrind, (Ir(K2) - Ir(K1)) / (K2 - K1), "
         f"K1={args.small}, K2={args.large}), {args.concurrency} keep-alive connections"

@@ -182,6 +182,39 @@ def render(per_request: dict[tuple[str, str], float], routes: Sequence[str], hea
     return "\n".join(lines), rows
 
 
+def check_counting_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--apps`` and ``--routes`` as lists (each route's baseline app added), ``--small``, ``--large`` and
+    ``--repeat`` checked: what every instruction-counting script takes."""
+    args.apps = [a.strip() for a in args.apps.split(",") if a.strip()]
+    args.routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    unknown = [a for a in args.apps if a not in APPS]
+    if unknown:
+        parser.error(f"unknown app(s) {', '.join(unknown)}; known: {', '.join(APPS)}")
+    bad_routes = [r for r in args.routes if r not in ROUTES]
+    if bad_routes:
+        parser.error(f"unknown route(s) {', '.join(bad_routes)}; known: {', '.join(ROUTES)}")
+    if not 0 < args.small < args.large:
+        parser.error("need 0 < --small < --large")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    needed = {baseline_for(route) for route in args.routes}
+    args.apps = [key for key in APPS if key in set(args.apps) | needed]
+
+
+def per_request_counts(
+    by_key: dict[tuple[str, str, int, int], int], todo: Sequence[tuple[str, str]], args: argparse.Namespace
+) -> tuple[dict[tuple[str, str], list[float]], dict[tuple[str, str], float]]:
+    """From the counts of whole runs, keyed (app, route, repeat, requests): each repeat's instructions per
+    request, (Ir(K2) - Ir(K1)) / (K2 - K1), and their median, by (app, route)."""
+    runs: dict[tuple[str, str], list[float]] = {}
+    for app, route in todo:
+        for repeat in range(args.repeat):
+            small, large = by_key.get((app, route, repeat, args.small)), by_key.get((app, route, repeat, args.large))
+            if small is not None and large is not None:
+                runs.setdefault((app, route), []).append((large - small) / (args.large - args.small))
+    return runs, {key: statistics.median(values) for key, values in runs.items()}
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Instructions per request (callgrind) of asgi_db_session against the bare and hand-written apps.",
@@ -209,20 +242,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "instructions.json", help="results file")
     parser.add_argument("--child", nargs=3, metavar=("APP", "ROUTE", "REQUESTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.apps = [a.strip() for a in args.apps.split(",") if a.strip()]
-    args.routes = [r.strip() for r in args.routes.split(",") if r.strip()]
-    unknown = [a for a in args.apps if a not in APPS]
-    if unknown:
-        parser.error(f"unknown app(s) {', '.join(unknown)}; known: {', '.join(APPS)}")
-    bad_routes = [r for r in args.routes if r not in ROUTES]
-    if bad_routes:
-        parser.error(f"unknown route(s) {', '.join(bad_routes)}; known: {', '.join(ROUTES)}")
-    if not 0 < args.small < args.large:
-        parser.error("need 0 < --small < --large")
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
-    needed = {baseline_for(route) for route in args.routes}
-    args.apps = [key for key in APPS if key in set(args.apps) | needed]
+    check_counting_args(parser, args)
     if args.loop == "uvloop":
         try:
             import uvloop  # noqa: F401
@@ -275,13 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if querying:
         asyncio.run(clean_inserted(database_url()))
     by_key = {(job.app, job.route, job.repeat, job.requests): ir for job, ir in counts.items()}
-    runs: dict[tuple[str, str], list[float]] = {}
-    for app, route in todo:
-        for repeat in range(args.repeat):
-            small, large = by_key.get((app, route, repeat, args.small)), by_key.get((app, route, repeat, args.large))
-            if small is not None and large is not None:
-                runs.setdefault((app, route), []).append((large - small) / (args.large - args.small))
-    per_request = {key: statistics.median(values) for key, values in runs.items()}
+    runs, per_request = per_request_counts(by_key, todo, args)
     header = (
         f"Instructions per request (callgrind Ir, (Ir(K2) - Ir(K1)) / (K2 - K1), K1={args.small}, K2={args.large}), "
         + (
