@@ -251,3 +251,19 @@ def test_the_global_meter_provider_in_a_process_of_its_own() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+def test_the_setting_decides_before_any_provider_is_looked_for() -> None:
+    """In this process no global MeterProvider is ever set (the child process test sets one): the default finds
+    none configured, ``DATABASE_METRICS=true`` records through OpenTelemetry's global proxy, false through none,
+    and a provider given always wins over the default."""
+    from opentelemetry import metrics
+
+    from asgi_db_session._pool_metrics import metrics_provider
+
+    given = MeterProvider()
+    assert metrics_provider(None, None) is None
+    assert metrics_provider(True, None) is metrics.get_meter_provider()
+    assert metrics_provider(False, given) is None
+    assert metrics_provider(None, given) is given
+    assert metrics_provider(True, given) is given
