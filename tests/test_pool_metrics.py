@@ -267,3 +267,29 @@ def test_the_setting_decides_before_any_provider_is_looked_for() -> None:
     assert metrics_provider(False, given) is None
     assert metrics_provider(None, given) is given
     assert metrics_provider(True, given) is given
+
+
+async def test_a_pool_without_a_size_reports_no_count_or_limits_but_its_waits(metered: Metered) -> None:
+    """A NullPool (an engine given as it is) opens a connection per checkout and keeps none: it has no idle or used
+    count, no maximum, no idle maximum to report; what a request waited and held it still is."""
+    from sqlalchemy.pool import NullPool
+
+    engine = create_async_engine(PG_URL, poolclass=NullPool)
+    database = Database(engine=engine, name="metrics-nullpool", meter_provider=metered.provider)
+    try:
+        async with session_scope(database.name) as session:
+            await session.execute(text("SELECT 1"))
+        metrics = metered.collect()
+        for name in ("db.client.connection.count", "db.client.connection.max", "db.client.connection.idle.max"):
+            assert database.name not in metrics.pools(name), name
+        assert metrics.value("db.client.connection.pending_requests", database.name) == 0
+        assert metrics.histogram("db.client.connection.use_time", database.name).count == 1
+    finally:
+        await database.dispose()
+
+
+def test_database_metrics_true_is_checked_at_construction() -> None:
+    """``DATABASE_METRICS=true`` needs the extra, found (here: installed) when the Database is made, not later."""
+    database = Database(settings=DatabaseSettings(url=PG_URL, metrics=True), name="metrics-true")
+    assert database.settings is not None
+    assert database.settings.metrics is True
