@@ -73,6 +73,7 @@ def test_the_supported_versions_are_pyprojects_bounds_and_ci_runs_both_ends() ->
     assert f"Python {pythons[0]} to {pythons[-1]}" in text
     ci = (README.parent / ".ci" / "run").read_text().splitlines()
     for command in ("./dev test", "./dev oldest", "./dev newest"):
-        # A line that runs it: maybe after environment assignments, maybe with its output sent to a file.
-        pattern = rf"(?:[A-Z_]+=\S+ )*{re.escape(command)}(?: .*)?"
+        # A line that runs it: maybe indented, after environment assignments or under nice, maybe with its output
+        # sent to a file.
+        pattern = rf"\s*(?:[A-Z_]+=\S+ )*(?:nice -n \d+ )?{re.escape(command)}(?: .*)?"
         assert any(re.fullmatch(pattern, line) for line in ci), command
