@@ -67,7 +67,7 @@ from asgi_db_session.error_responses import OUTCOME_UNKNOWN
 from benchmarks.common import INSERT_FIRST_ID, database_url, drop_database, prepare_table, recreate_database
 from benchmarks.fault_apps import DEFAULT_BOUND, FAULT_APPS, FaultApp
 from benchmarks.throughput import environment, write_results
-from tests.system.server import free_port, serve, uvicorn_command
+from tests.system.server import backends, free_port, serve, uvicorn_command
 from tests.system.tcp_proxy import Fault, TcpProxy
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -167,15 +167,7 @@ async def watch_nodb(base_url: str, stop: asyncio.Event, client_timeout: float) 
 
 async def app_backends(dsn: str, application_name: str) -> Counter[str]:
     """The app's backends by state (pg_stat_activity), read on a connection of this script's own."""
-    connection = await asyncpg.connect(dsn)
-    try:
-        rows = await connection.fetch(
-            "SELECT coalesce(state, ''), count(*) FROM pg_stat_activity WHERE application_name = $1 GROUP BY 1",
-            application_name,
-        )
-    finally:
-        await connection.close()
-    return Counter({row[0]: row[1] for row in rows})
+    return Counter(backend.state for backend in await backends(dsn, application_name))
 
 
 async def checked_out(base_url: str) -> int | None:
