@@ -4,6 +4,7 @@ response started, only with its body kept; two concurrent requests coordinated w
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import httpx
@@ -154,7 +155,9 @@ async def test_a_serialization_failure_at_the_middlewares_commit_is_replayed(pg:
         (200, "stays"),
     ]
     assert await fetch(f"SELECT count(*) FROM {DOCTORS} WHERE on_call") == [(1,)]
-    assert sorted(runs) in ([1, 1, 2], [1, 2, 2])
+    # The victim more than once: a replay that begins before the winner's COMMIT has ended can fail again.
+    counts = sorted(Counter(runs).values())
+    assert len(counts) == 2 and counts[0] == 1 and counts[1] >= 2, runs
 
 
 async def test_websockets_and_lifespan_pass_through_with_their_own_scope() -> None:

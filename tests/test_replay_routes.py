@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from types import ModuleType
 from typing import Any, cast
@@ -157,9 +158,13 @@ async def ledger() -> list[tuple[object, ...]]:
 
 
 def assert_replayed(responses: list[httpx.Response], clash: Clash) -> None:
-    """Both requests ended 2xx, and one of them ran twice: the victim of the conflict, replayed."""
+    """Both requests ended 2xx, the winner ran once and the victim of the conflict more than once: replayed.
+
+    Twice as a rule, but a replay that begins before the winner's COMMIT has ended can meet the same conflict
+    again (seen with write skew in CI: the victim ran three times), so not exactly twice."""
     assert all(200 <= response.status_code < 300 for response in responses), [r.text for r in responses]
-    assert sorted(clash.runs) in (["a", "a", "b"], ["a", "b", "b"])
+    runs = sorted(Counter(clash.runs).values())
+    assert len(runs) == 2 and runs[0] == 1 and runs[1] >= 2, clash.runs
 
 
 def assert_answered_503(responses: list[httpx.Response], clash: Clash) -> str:
