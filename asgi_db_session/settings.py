@@ -24,6 +24,7 @@ from .exceptions import (
 __all__ = [
     "DEFAULT_CLEANUP_TIMEOUT",
     "DEFAULT_COMMAND_TIMEOUT",
+    "DEFAULT_COMMIT_OUTCOME_TIMEOUT",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_POOL_TIMEOUT",
     "DatabaseSettings",
@@ -35,6 +36,7 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_COMMAND_TIMEOUT = 10.0
 DEFAULT_CLEANUP_TIMEOUT = 5.0
 DEFAULT_POOL_TIMEOUT = 10.0
+DEFAULT_COMMIT_OUTCOME_TIMEOUT = 5.0
 
 
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
@@ -141,13 +143,13 @@ class DatabaseSettings(BaseSettings):
     libpq's ``sslrootcert`` (``system``: the system's trusted CAs). asyncpg only."""
     pgbouncer: bool = False
     """Behind PgBouncer in transaction mode: turn off asyncpg's and SQLAlchemy's prepared statement caches."""
-    commit_outcome_check: bool = False
+    commit_outcome_check: bool = True
     """Read each writing transaction's id just before its COMMIT (one more round trip per writing request), so
     that if the connection dies after COMMIT was sent and before its answer arrived the server can be asked
     whether it committed: the client then gets the app's response, or a 503, as it really was (PostgreSQL on
-    asyncpg). Off, such a COMMIT is answered as of unknown outcome (a 500 that says so), never as "not saved"
-    (see docs/explanation/commit-outcome.md)."""
-    commit_outcome_timeout: float = Field(default=5.0, gt=0)
+    asyncpg). Off, such a COMMIT is answered as of unknown outcome (a 500 that says so), never as "not saved",
+    and writing requests save the round trip (see docs/explanation/commit-outcome.md)."""
+    commit_outcome_timeout: float = Field(default=DEFAULT_COMMIT_OUTCOME_TIMEOUT, gt=0)
     """Seconds to spend learning whether a COMMIT committed when the connection died before its answer arrived
     (PostgreSQL on asyncpg), asking on a connection of its own; past it the client gets a 500 saying the outcome
     is unknown (see docs/explanation/commit-outcome.md)."""

@@ -372,10 +372,11 @@ def build_asgi_db_session_replay(settings: EngineSettings) -> ASGIApp:
     return ReplayConflicts(app, only_marked=True)
 
 
-def build_asgi_db_session_commit_check(settings: EngineSettings) -> ASGIApp:
-    """commit_on_success=True with DATABASE_COMMIT_OUTCOME_CHECK=true: the transaction id read before COMMIT.
+def build_asgi_db_session_commit_nocheck(settings: EngineSettings) -> ASGIApp:
+    """commit_on_success=True with DATABASE_COMMIT_OUTCOME_CHECK=false: no transaction id read before COMMIT.
 
-    The Database is built from settings (the check is a setting), with the engine options the others get.
+    The Database is built from settings (the check is a setting), with the engine options the others get and no
+    command timeout (the engine the others get has none).
     """
     from asgi_db_session import Database, DatabaseSettings, DBSessionMiddleware, current_session
 
@@ -389,7 +390,8 @@ def build_asgi_db_session_commit_check(settings: EngineSettings) -> ASGIApp:
             max_overflow=settings.max_overflow,
             pool_pre_ping=settings.pool_pre_ping,
             pool_timeout=settings.pool_timeout,
-            commit_outcome_check=True,
+            command_timeout=None,
+            commit_outcome_check=False,
         )
     )
     app = Starlette(routes=_middleware_routes(get_session, commit=False))
@@ -491,9 +493,9 @@ APPS: dict[str, AppSpec] = {
             in_default_run=False,
         ),
         AppSpec(
-            "asgi-db-session-commit-check",
-            "the same with DATABASE_COMMIT_OUTCOME_CHECK=true: the transaction id read before COMMIT",
-            build_asgi_db_session_commit_check,
+            "asgi-db-session-commit-nocheck",
+            "the same with DATABASE_COMMIT_OUTCOME_CHECK=false: no transaction id read before COMMIT",
+            build_asgi_db_session_commit_nocheck,
             in_default_run=False,
         ),
         AppSpec("asgi-db-session-fastapi", "FastAPI + DBSessionMiddleware", build_asgi_db_session_fastapi),

@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asgi_db_session.settings import (
     DEFAULT_COMMAND_TIMEOUT,
+    DEFAULT_COMMIT_OUTCOME_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_POOL_TIMEOUT,
 )
@@ -54,6 +55,7 @@ def documented_bound(pool_timeout: float, connect_timeout: float, command_timeou
 DEFAULT_BOUND = documented_bound(DEFAULT_POOL_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_COMMAND_TIMEOUT)
 # The tighter bounds of tests/system/test_network_faults.py.
 TIGHT_ENV = {
+    "DATABASE_COMMIT_OUTCOME_TIMEOUT": "1",
     "DATABASE_CONNECT_TIMEOUT": "1",
     "DATABASE_COMMAND_TIMEOUT": "1",
     "DATABASE_POOL_TIMEOUT": "2",
@@ -69,6 +71,8 @@ class FaultApp:
     """What the server process gets besides DATABASE_URL and DATABASE_APPLICATION_NAME."""
     bound: float | None = None
     """The longest a request may wait on a silent database by the bounds the app runs with; None: unbounded."""
+    outcome_seconds: float = 0.0
+    """What the outcome check may add to a write's bound: asking what became of a COMMIT whose answer was lost."""
     peer: str | None = None
     """The key in apps.APPS of a hand-written or peer app; None: asgi_db_session from DATABASE_*."""
     timeouts: bool = False
@@ -78,18 +82,24 @@ class FaultApp:
 FAULT_APPS: dict[str, FaultApp] = {
     app.key: app
     for app in (
-        FaultApp("asgi-db-session", "asgi_db_session, the package's defaults", bound=DEFAULT_BOUND),
         FaultApp(
-            "asgi-db-session-check",
-            "the same with DATABASE_COMMIT_OUTCOME_CHECK=true",
-            env={"DATABASE_COMMIT_OUTCOME_CHECK": "true"},
+            "asgi-db-session",
+            "asgi_db_session, the package's defaults",
+            bound=DEFAULT_BOUND,
+            outcome_seconds=DEFAULT_COMMIT_OUTCOME_TIMEOUT,
+        ),
+        FaultApp(
+            "asgi-db-session-nocheck",
+            "the same with DATABASE_COMMIT_OUTCOME_CHECK=false",
+            env={"DATABASE_COMMIT_OUTCOME_CHECK": "false"},
             bound=DEFAULT_BOUND,
         ),
         FaultApp(
             "asgi-db-session-tight",
-            "the defaults with connect and command timeouts 1 s, pool timeout 2 s, cleanup 1 s",
+            "the defaults with connect and command timeouts 1 s, pool timeout 2 s, cleanup 1 s, outcome check 1 s",
             env=TIGHT_ENV,
             bound=documented_bound(2.0, 1.0, 1.0),
+            outcome_seconds=1.0,
         ),
         FaultApp(
             HANDWRITTEN, "`async with session_factory()` in each endpoint, SQLAlchemy's defaults", peer=HANDWRITTEN

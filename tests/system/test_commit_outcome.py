@@ -102,17 +102,18 @@ class Proxied:
     dsn: str  # straight to the server
     made: list[Database] = field(default_factory=list)
 
-    def database(self, *, check: bool = True, command_timeout: float | None = None) -> Database:
+    def database(self, *, check: bool | None = True, command_timeout: float | None = None) -> Database:
         """A Database whose every connection, the outcome's question included, goes through the proxy; with
-        DATABASE_COMMIT_OUTCOME_CHECK on unless told otherwise."""
+        DATABASE_COMMIT_OUTCOME_CHECK on unless told otherwise (None: the package's default)."""
         url = make_url(PG_URL).set(host="127.0.0.1", port=self.proxy.port)
         settings = DatabaseSettings(
             url=url.render_as_string(hide_password=False),
             ssl="disable",  # the hook reads the messages: no TLS
             application_name=f"adbs-outcome-{uuid.uuid4().hex[:8]}",
             commit_outcome_timeout=OUTCOME_TIMEOUT,
-            commit_outcome_check=check,
         )
+        if check is not None:
+            settings = settings.model_copy(update={"commit_outcome_check": check})
         if command_timeout is not None:
             settings = settings.model_copy(update={"command_timeout": command_timeout})
         database = Database(settings=settings, name=f"outcome-{uuid.uuid4().hex[:8]}")
@@ -225,6 +226,28 @@ async def test_middleware_commit_that_committed_before_its_answer_was_lost_answe
     assert logged_xid(warning) % 2**32 == await proxied.inserting_xid(1)
     assert (await post(app, 2)).status_code == 201, "the next request works"
     assert await proxied.ids() == [1, 2]
+
+
+async def test_by_default_a_commit_whose_answer_was_lost_is_answered_as_it_really_ended(
+    proxied: Proxied, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The package's defaults learn the outcome: the app's 201 for a write the server committed, the 503 for one
+    it never received; never the "not known" 500 while the server can be asked."""
+    database = proxied.database(check=None)
+    ran: list[int] = []
+    app = writing_app(database, ran)
+
+    proxied.trap.arm(Action.FORWARD_THEN_DROP)
+    committed = await post(app, 1)
+    proxied.trap.arm(Action.DROP)
+    lost = await post(app, 2)
+
+    assert proxied.trap.sprung == 2, "the proxy saw no COMMIT"
+    assert (committed.status_code, committed.headers.get("x-app")) == (201, "yes"), committed.text
+    assert (lost.status_code, lost.headers.get("retry-after")) == (503, "1"), lost.text
+    assert await proxied.ids() == [1]
+    assert ran == [1]
+    assert COMMIT_OUTCOME_NOT_ASKED not in messages(caplog, logging.ERROR)
 
 
 async def test_middleware_commit_that_never_reached_the_server_is_503(
