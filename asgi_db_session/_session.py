@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 from sqlalchemy import Connection, TextClause, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
-from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
+from sqlalchemy.orm import Session, SessionTransaction
 
 from ._commit_outcome import CommitOutcomeReader, LostCommit, answer_may_be_lost
 from ._shield import shielded, shielded_starting_now
@@ -144,10 +144,30 @@ class WriteTrackingSession(HookSession):
 
     ``_wrote`` stays set for the session's life (a later read must see the primary); ``_wrote_since_commit``
     is cleared by OutcomeLearningSession's commit.
+
+    The statements are seen by overriding ``execute()``, ``scalar()`` and ``scalars()`` (the async session's
+    calls all end in one of them), not by a ``do_orm_execute`` listener: any such listener makes SQLAlchemy
+    prepare every ORM statement twice, which cost a read more than the rest of the session's bookkeeping.
     """
 
     _wrote = False
     _wrote_since_commit = False
+
+    def _note(self, statement: Any) -> None:
+        if not self._wrote_since_commit and _writes(statement):
+            self._wrote = self._wrote_since_commit = True
+
+    def execute(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        self._note(statement)
+        return super().execute(statement, *args, **kwargs)
+
+    def scalar(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        self._note(statement)
+        return super().scalar(statement, *args, **kwargs)
+
+    def scalars(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        self._note(statement)
+        return super().scalars(statement, *args, **kwargs)
 
 
 @event.listens_for(WriteTrackingSession, "after_flush")
@@ -155,17 +175,12 @@ def _flushed(session: WriteTrackingSession, flush_context: Any) -> None:
     session._wrote = session._wrote_since_commit = True
 
 
-@event.listens_for(WriteTrackingSession, "do_orm_execute")
-def _executed(state: ORMExecuteState) -> None:
-    if state.is_select:
-        return
-    statement = state.statement
-    # Raw SQL that starts as a plain read is one; any other counts as a write: the primary is the safe side.
-    if isinstance(statement, TextClause) and statement.text.lstrip()[:6].upper() in _READ_PREFIXES:
-        return
-    # Registered on WriteTrackingSession, so the session is one.
-    session = cast(WriteTrackingSession, state.session)
-    session._wrote = session._wrote_since_commit = True
+def _writes(statement: Any) -> bool:
+    """Whether ``statement`` may write: anything but a SELECT, or raw SQL that starts as a plain read (the
+    primary is the safe side)."""
+    if getattr(statement, "is_select", False):
+        return False
+    return not (isinstance(statement, TextClause) and statement.text.lstrip()[:6].upper() in _READ_PREFIXES)
 
 
 _READ_PREFIXES = frozenset({"SELECT", "SHOW"})
