@@ -287,6 +287,7 @@ async def run_one(
     result["answers"] = dict(Counter(o.answer for o in outcomes).most_common())
     result["longest_seconds"] = round(max((o.seconds for o in outcomes), default=0.0), 2)
     result["longest_answered_seconds"] = round(max((o.seconds for o in answered), default=0.0), 2)
+
     def within(outcome: Outcome) -> bool:
         # A write may also ask what became of a COMMIT whose answer was lost (the outcome check).
         return outcome.seconds <= bound + (spec.outcome_seconds if outcome.write_id is not None else 0.0) + SLACK
