@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from .asgi import Channel, http_scope
 from .conftest import PG_URL
 from .frameworks import service
 from .frameworks.registry import FRAMEWORKS, Framework
+from .polling import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -130,14 +130,6 @@ class Running:
     def checkedout(self) -> int:
         count: int = self.database.engine.pool.checkedout()  # type: ignore[attr-defined]
         return count
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll ``check`` until it holds; fail after DEADLINE seconds, saying ``what`` was awaited."""
-    deadline = time.monotonic() + DEADLINE
-    while not await check():
-        assert time.monotonic() < deadline, f"not within {DEADLINE} s: {what}"
-        await asyncio.sleep(0.02)
 
 
 def new_database() -> Database:
@@ -249,7 +241,7 @@ async def test_the_frameworks_background_task_is_committed(
         async def stored() -> bool:
             return await app.stored(name) == 1
 
-        await eventually(stored, f"the background task's row {name!r}")
+        await eventually(stored, f"the background task's row {name!r}", seconds=DEADLINE)
 
 
 @every_framework
@@ -272,7 +264,7 @@ async def test_a_cancelled_request_leaves_nothing_checked_out(
         async def sleeping() -> bool:
             return any(state == "active" and "pg_sleep" in query for state, query in await app.backends())
 
-        await eventually(sleeping, "the request's pg_sleep running on the server")
+        await eventually(sleeping, "the request's pg_sleep running on the server", seconds=DEADLINE)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, timeout=DEADLINE)
@@ -280,7 +272,7 @@ async def test_a_cancelled_request_leaves_nothing_checked_out(
         async def cleaned_up() -> bool:
             return app.checkedout() == 0 and not await sleeping()
 
-        await eventually(cleaned_up, "the connection back in the pool and the statement ended")
+        await eventually(cleaned_up, "the connection back in the pool and the statement ended", seconds=DEADLINE)
         assert channel.sent == []  # nothing was answered for the cancelled request
 
 
@@ -297,6 +289,6 @@ async def test_shutdown_disposes_the_engine(framework: Framework, table: str, po
         async def gone() -> bool:
             return await app.backends() == []
 
-        await eventually(gone, "no backend of the app's left after shutdown")
+        await eventually(gone, "no backend of the app's left after shutdown", seconds=DEADLINE)
     finally:
         await database.dispose()

@@ -16,7 +16,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,7 @@ from asgi_db_session._types import ASGIApp, Receive, Scope, Send
 
 from .asgi import Channel, http_scope, run_lifespan
 from .conftest import PG_URL, client
+from .polling import eventually
 from .system.pg_wire import FrontendMessages, is_commit
 from .system.server import REPO_ROOT
 from .system.tcp_proxy import Action, Fault, ProxyConnection, TcpProxy
@@ -201,16 +202,6 @@ async def table(postgresql_dsn: str) -> AsyncIterator[None]:
 
 async def names() -> list[str]:
     return sorted(row[0] for row in await pg(f"SELECT name FROM {TABLE}"))
-
-
-async def eventually(read: Callable[[], Awaitable[list[str]]], expected: list[str], seconds: float = 5.0) -> bool:
-    """Whether ``read()`` returns ``expected`` within ``seconds`` (asked every 20 ms)."""
-    deadline = asyncio.get_running_loop().time() + seconds
-    while (found := await read()) != expected:
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{found} after {seconds} s, expected {expected}")
-        await asyncio.sleep(0.02)
-    return True
 
 
 @pytest.fixture
@@ -466,9 +457,14 @@ async def test_a_commit_whose_answer_was_lost_shows_what_the_outcome_check_learn
         finally:
             proxy.heal()
             await database.dispose()
+
     # The server commits, whatever the client could be told; with the check off nothing waited for it to finish
     # the COMMIT it received, so a loaded server may show the row a moment after the answer.
-    assert await eventually(names, ["saved after all"])
+    async def saved() -> bool:
+        return bool(await names())
+
+    await eventually(saved, "the row of the COMMIT the server received")
+    assert await names() == ["saved after all"]
     commit = traces.one(COMMIT_SPAN)
     found = attributes(commit)
     assert found[COMMIT_OUTCOME] == outcome

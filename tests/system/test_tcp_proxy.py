@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
+from ..polling import eventually
 from .backends import backends_of
 from .tcp_proxy import Action, Fault, ProxyConnection, TcpProxy
 
@@ -60,14 +60,6 @@ async def names(dsn: str) -> list[str]:
         await connection.close()
 
 
-async def poll(check: Callable[[], Awaitable[bool]], seconds: float = 5) -> None:
-    """Wait until ``check()`` is true (a generous deadline: the machine may be loaded)."""
-    deadline = time.monotonic() + seconds
-    while not await check():
-        assert time.monotonic() < deadline, "the condition did not come true in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_pass_through(postgresql_dsn: str) -> None:
     async with TcpProxy() as proxy:
         connection = await connect(postgresql_dsn, proxy)
@@ -78,7 +70,7 @@ async def test_pass_through(postgresql_dsn: str) -> None:
         async def none_open() -> bool:
             return proxy.open_connections == 0
 
-        await poll(none_open)
+        await eventually(none_open, "no connection open through the proxy")
     assert proxy.accepted == 1
 
 
@@ -101,7 +93,7 @@ async def test_blackhole_keeps_sockets_open_and_drops_bytes(postgresql_dsn: str)
         # The client's close is kept from the server too: its backend stays, until the fault ends.
         assert await backends_of(postgresql_dsn, application_name) == 1
         proxy.heal()
-        await poll(backends_gone)
+        await eventually(backends_gone, "the proxied backends gone")
         connection = await connect(postgresql_dsn, proxy)
         assert await connection.fetchval("SELECT 1") == 1
         await connection.close()
@@ -117,7 +109,7 @@ async def test_half_open_runs_the_query_and_loses_the_answer(table: str) -> None
         async def inserted() -> bool:
             return await names(table) == ["sent"]
 
-        await poll(inserted)  # the server ran it (autocommit): only its answer was lost
+        await eventually(inserted, "the row inserted")  # the server ran it (autocommit): only its answer was lost
         connection.terminate()
         proxy.heal()
 
@@ -175,7 +167,7 @@ async def test_client_data_hook(table: str, action: Action, stored: list[str]) -
             await connection.execute(f"INSERT INTO {TABLE} VALUES ('hooked')", timeout=5)
         connection.terminate()
         assert seen == [1]
-        await poll(backend_gone)
+        await eventually(backend_gone, "the backend gone")
     assert await names(table) == stored
 
 
