@@ -11,8 +11,9 @@
   commit makes them due, the end of the transaction without one drops them, and the rollback of a savepoint
   drops what was registered inside it. Due hooks run after the commit has returned, outside the commit's
   cancellation shield; each hook carries its own runner (commit_hooks.py), which this module only calls.
-- ``WriteTrackingSession`` (the sync Session of databases with replicas): notes when it has written, so that
-  a request that wrote reads its own write from the primary (see ScopeState.after_write).
+- ``WriteTrackingSession`` (the sync Session of databases with replicas, and the base of
+  ``OutcomeLearningSession``): notes when it has written, so that a request that wrote reads its own write from
+  the primary (see ScopeState.after_write), and a COMMIT reads the transaction's id only after a write.
 - ``OutcomeLearningSession`` (the sync Session of PostgreSQL databases on asyncpg): reads the transaction's id
   just before COMMIT when it wrote, and notes it when COMMIT fails in a way that leaves its outcome open (a
   lost connection); ``GuardedSession.commit()`` then learns the outcome (_commit_outcome.py) and answers it:

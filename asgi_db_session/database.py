@@ -49,7 +49,12 @@ from .exceptions import (
     UsageError,
 )
 from .query_insight import _count_queries_on
-from .settings import DEFAULT_CLEANUP_TIMEOUT, DatabaseSettings, _settings_from_environment
+from .settings import (
+    DEFAULT_CLEANUP_TIMEOUT,
+    DEFAULT_COMMIT_OUTCOME_TIMEOUT,
+    DatabaseSettings,
+    _settings_from_environment,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -130,7 +135,6 @@ def _learning_outcomes(sync_class: type[Session], reader: CommitOutcomeReader, *
 
 # What a Database given an engine (no settings) does about the outcome of a lost COMMIT: the settings' defaults.
 _COMMIT_OUTCOME_CHECK: bool = DatabaseSettings.model_fields["commit_outcome_check"].default
-_COMMIT_OUTCOME_TIMEOUT: float = DatabaseSettings.model_fields["commit_outcome_timeout"].default
 
 
 class _ConnectWrapper:
@@ -408,7 +412,7 @@ class Database:
             settings = self.settings
             if settings is None:  # an engine given as it is: its URL, without the connect_args it was made with
                 reader = CommitOutcomeReader(
-                    engine.url, {}, check=_COMMIT_OUTCOME_CHECK, timeout=_COMMIT_OUTCOME_TIMEOUT
+                    engine.url, {}, check=_COMMIT_OUTCOME_CHECK, timeout=DEFAULT_COMMIT_OUTCOME_TIMEOUT
                 )
             else:
                 reader = CommitOutcomeReader(
