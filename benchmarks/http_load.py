@@ -132,6 +132,7 @@ class HttpTarget:
             "BENCH_APP": self.key,
             "BENCH_INSERT_BASE": str(INSERT_FIRST_ID + HttpTarget._starts * _ID_RANGE),
             "PYTHONWARNINGS": "ignore",
+            "BENCH_SERVER_GC": self.args.server_gc,
         }
         command = uvicorn_command(self.port)
         with self.log.open("ab") as log:

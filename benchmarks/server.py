@@ -2,12 +2,14 @@
 
 The app is chosen by ``BENCH_APP``; the engine settings come from ``BENCH_*`` variables (see
 ``EngineSettings.from_env``), and ``BENCH_INSERT_BASE`` gives this server's /insert ids their own range.
+``BENCH_SERVER_GC=off`` disables the garbage collector once the app is built (``run.py --http --server-gc off``).
 ``BENCH_CLEANUP_TIMEOUT`` replaces asgi_db_session's default cleanup bound for apps given an engine (which read
 no DATABASE_* setting): under callgrind (``http_instructions.py``) every wait is ~50 times longer.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -30,4 +32,7 @@ def create_app() -> ASGIApp:
         # Read by each Database made from an engine (its module's own binding of the name), when Starlette
         # builds the middleware stack at the first call (lifespan startup), after this.
         setattr(database, "DEFAULT_CLEANUP_TIMEOUT", float(cleanup_timeout))  # noqa: B010
+    if os.environ.get("BENCH_SERVER_GC") == "off":
+        gc.collect()
+        gc.disable()
     return app

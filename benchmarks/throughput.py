@@ -462,6 +462,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     http.add_argument("--http-warmup", type=int, default=1, help="seconds of untimed wrk load per server start")
     http.add_argument("--wrk-threads", type=int, default=1, help="wrk threads")
     http.add_argument("--port", type=int, default=18431, help="first port the servers listen on (127.0.0.1)")
+    http.add_argument(
+        "--server-gc",
+        choices=("on", "off"),
+        default="on",
+        help="off: each server disables the garbage collector once its app is built (what the collector costs)",
+    )
     args = parser.parse_args(argv)
     unknown = [key for key in args.apps if key not in APPS]
     if unknown:
@@ -526,6 +532,8 @@ async def _measure(args: argparse.Namespace, loop_name: str) -> dict[str, Any]:
     mode = "HTTP (uvicorn + wrk)" if args.http else "in-process ASGI"
     if args.http:
         size = f"{args.duration}s of wrk load per route and round, {args.wrk_threads} wrk thread(s)"
+        if args.server_gc == "off":
+            size += ", the servers' garbage collector off"
     else:
         size = f"{args.requests_nodb} requests on /nodb and /session, {args.requests_db} on the others, per round"
         size += ", each in its own task" if not args.same_task else ", in the workers' tasks"
@@ -551,6 +559,7 @@ async def _measure(args: argparse.Namespace, loop_name: str) -> dict[str, Any]:
             "concurrency": args.concurrency,
             "task_per_request": not args.same_task,
             "duration": args.duration if args.http else None,
+            "server_gc": args.server_gc if args.http else None,
             "routes": run.routes,
             "apps": run.apps,
             "engine": settings.as_dict(),
