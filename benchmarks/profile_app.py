@@ -38,10 +38,11 @@ from benchmarks.driver import Lifespan, run_batch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def _profile(args: argparse.Namespace) -> str:
+async def _profile(args: argparse.Namespace, key: str, counts: dict[str, dict[str, float]] | None = None) -> str:
+    """Profile app ``key``; with ``counts``, keep its calls per request there (under ``key``) instead of a table."""
     url = database_url()
     await prepare_table(url)
-    app = APPS[args.app].build(EngineSettings(url=url, pool_size=args.concurrency))
+    app = APPS[key].build(EngineSettings(url=url, pool_size=args.concurrency))
     lifespan = Lifespan(app)
     await lifespan.startup()
     try:
@@ -49,7 +50,7 @@ async def _profile(args: argparse.Namespace) -> str:
             app, args.route, min(args.requests, 200), args.concurrency, lifespan.state, keep_alive=args.keep_alive
         )
         if warm.errors:
-            raise SystemExit(f"{args.app} {args.route}: {warm.first_error}")
+            raise SystemExit(f"{key} {args.route}: {warm.first_error}")
         if args.profiler == "pyinstrument":
             from pyinstrument import Profiler
 
@@ -69,8 +70,8 @@ async def _profile(args: argparse.Namespace) -> str:
                 app, args.route, args.requests, args.concurrency, lifespan.state, keep_alive=args.keep_alive
             )
             profile.disable()
-            if args.counts is not None:
-                args.counts[args.app] = _calls_per_request(profile, batch.requests)
+            if counts is not None:
+                counts[key] = _calls_per_request(profile, batch.requests)
                 text = ""
             else:
                 out = io.StringIO()
@@ -79,13 +80,11 @@ async def _profile(args: argparse.Namespace) -> str:
                 stats.sort_stats(args.sort).print_stats(*restrictions, args.limit)
                 text = out.getvalue()
         if batch.errors:
-            raise SystemExit(f"{args.app} {args.route}: {batch.errors} requests failed: {batch.first_error}")
+            raise SystemExit(f"{key} {args.route}: {batch.errors} requests failed: {batch.first_error}")
     finally:
         await lifespan.shutdown()
         await clean_inserted(url)
-    header = (
-        f"{args.app} {args.route}: {batch.requests} requests at concurrency {args.concurrency}, {batch.rps:,.0f} req/s"
-    )
+    header = f"{key} {args.route}: {batch.requests} requests at concurrency {args.concurrency}, {batch.rps:,.0f} req/s"
     return f"{header} (under the profiler)\n{text}"
 
 
@@ -131,7 +130,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-difference", type=float, default=0.5, help="--against: smallest difference shown")
     parser.add_argument("--output", type=Path, default=None, help="--against: also write the counts as JSON")
     args = parser.parse_args(argv)
-    args.counts = None
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if not args.no_uvloop:
         try:
@@ -142,17 +140,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             loop_factory = uvloop.new_event_loop
     if args.against is None:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            print(runner.run(_profile(args)))
+            print(runner.run(_profile(args, args.app)))
         return 0
     if args.profiler != "cprofile":
         parser.error("--against counts calls: it needs --profiler cprofile")
-    args.counts = {}
-    baseline, app = args.against, args.app
-    for key in (baseline, app):
-        args.app = key
+    counts: dict[str, dict[str, float]] = {}
+    for key in (args.against, args.app):
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            print(runner.run(_profile(args)).rstrip())
-    print(_compare(args.counts, baseline, app, args.min_difference))
+            print(runner.run(_profile(args, key, counts)).rstrip())
+    print(_compare(counts, args.against, args.app, args.min_difference))
     if args.output is not None:
         document = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -161,8 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "concurrency": args.concurrency,
             "keep_alive": args.keep_alive,
             "git": git_state(),
-            "calls_per_request": {key: sum(counts.values()) for key, counts in args.counts.items()},
-            "functions": args.counts,
+            "calls_per_request": {key: sum(calls.values()) for key, calls in counts.items()},
+            "functions": counts,
         }
         args.output.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
     return 0
