@@ -51,6 +51,7 @@ from ..conftest import PG_URL, client
 from ..polling import eventually
 from .pg_wire import FrontendMessages, is_commit
 from .pgbouncer import running_pgbouncer
+from .server import free_port
 from .tcp_proxy import Action, Fault, ProxyConnection, TcpProxy
 
 pytestmark = pytest.mark.anyio
@@ -477,6 +478,24 @@ async def test_the_reader_answers_from_the_server(proxied: Proxied) -> None:
         assert "in the future" in reason, reason
     finally:
         await reader.close()
+
+
+async def test_the_reader_asks_again_while_the_server_refuses_then_says_it_does_not_know(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Nothing listens on the port: a server on its way back from a restart refuses connections. The reader asks
+    # again until its timeout, then answers "unknown" naming the refusal, never a guessed outcome.
+    caplog.set_level(logging.DEBUG, logger="asgi_db_session")
+    url = make_url(PG_URL).set(host="127.0.0.1", port=free_port())
+    reader = CommitOutcomeReader(url, {}, check=True, timeout=OUTCOME_TIMEOUT)
+    try:
+        outcome, reason = await reader.outcome("123")
+    finally:
+        await reader.close()
+    assert outcome is None
+    assert reason.startswith(f"no answer within {OUTCOME_TIMEOUT:g} s: ConnectionRefusedError: "), reason
+    asked_again = [message for message in messages(caplog, logging.DEBUG) if "asking again" in message]
+    assert len(asked_again) >= 2, asked_again
 
 
 # --- session_scope() ---------------------------------------------------------------------------------------------
