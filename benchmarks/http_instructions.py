@@ -14,6 +14,11 @@ pay the same start-up, the same connections and the same shutdown, so
 is what one request costs the server: HTTP parsing, the event loop, the app, the driver. The client's work is
 not counted. Under callgrind the server is slower than the client, so requests queue on its connections and
 the figure is that of a busy server, the case where the overhead matters.
+
+Where objects happen to land in memory moves these counts by a few per cent, the same code in the same process
+(benchmarks/README.md, "The same server in other memory layouts"), so ``--repeat N`` runs each server in N
+layouts: run ``r`` (from 0) starts after a start-up of its own that allocates ``layout_size(r)`` strings before
+anything is imported (``sitecustomize``), run 0 as it is; the table gives the median over the layouts.
 """
 
 from __future__ import annotations
@@ -75,6 +80,25 @@ class Job:
     insert_base: int
 
 
+def layout_size(repeat: int) -> int:
+    """How many strings run ``repeat`` allocates at start-up, before any import: 0 for the first run."""
+    return 0 if repeat == 0 else 100 * repeat + 37
+
+
+def layout_env(repeat: int, workdir: Path) -> dict[str, str]:
+    """The environment that starts a Python process in run ``repeat``'s memory layout: a ``sitecustomize`` module
+    (which Python imports at start-up, before anything else) that allocates ``layout_size(repeat)`` strings of its
+    own and keeps them. Empty for run 0."""
+    size = layout_size(repeat)
+    if not size:
+        return {}
+    folder = workdir / f"layout-{repeat}"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(f"LAYOUT_PAD = [str(i) * {repeat} for i in range({size})]\n")
+    inherited = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": str(folder) if not inherited else f"{folder}{os.pathsep}{inherited}"}
+
+
 def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-1500:]
 
@@ -133,6 +157,7 @@ async def _measure(job: Job, settings: EngineSettings, concurrency: int, workdir
         # response would outlast the cleanup's bound, a request behind it the pool's, and each would end in
         # an error instead of a count.
         "BENCH_CLEANUP_TIMEOUT": str(_START_LIMIT),
+        **layout_env(job.repeat, workdir),
     }
     command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *uvicorn_command(job.port)]
     with log.open("wb") as log_file:
@@ -191,7 +216,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=32, help="keep-alive connections, and the pool size")
     parser.add_argument("--small", type=int, default=300, help="requests to the first server (K1)")
     parser.add_argument("--large", type=int, default=1500, help="requests to the second server (K2)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each (app, route); the table gives the median")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each (app, route), each in a memory layout of its own; the table gives the median",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="servers under callgrind at once")
     parser.add_argument("--port", type=int, default=18631, help="first port the servers listen on (127.0.0.1)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "http-instructions.json", help="results file")
@@ -231,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     header = (
         f"Instructions per request of the server (uvicorn under callgrind, (Ir(K2) - Ir(K1)) / (K2 - K1), "
         f"K1={args.small}, K2={args.large}), {args.concurrency} keep-alive connections"
-        + (f", median of {args.repeat} runs" if args.repeat > 1 else "")
+        + (f", median of {args.repeat} memory layouts" if args.repeat > 1 else "")
         + f"; {time.perf_counter() - started:.0f}s"
     )
     text, rows = render(per_request, args.routes, header) if per_request else ("no results", [])
@@ -247,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "concurrency": args.concurrency,
         "git": git_state(),
         "repeat": args.repeat,
+        "layout_sizes": [layout_size(repeat) for repeat in range(args.repeat)],
         "raw_ir": [
             {"app": j.app, "route": j.route, "requests": j.requests, "repeat": j.repeat, "ir": ir}
             for j, ir in counts.items()

@@ -1,0 +1,41 @@
+"""benchmarks/http_instructions.py: each repeat of a server starts in a memory layout of its own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.http_instructions import layout_env, layout_size
+
+
+def started_with(env: dict[str, str]) -> str:
+    """What a new Python process started with ``env`` over this one's finds of the layout's start-up allocation."""
+    probe = "import sys; print(len(getattr(sys.modules.get('sitecustomize'), 'LAYOUT_PAD', ())))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env={**os.environ, **env}, capture_output=True, text=True, check=True
+    )
+    return result.stdout.strip()
+
+
+def test_the_first_run_starts_as_it_is(tmp_path: Path) -> None:
+    assert layout_size(0) == 0
+    assert layout_env(0, tmp_path) == {}
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("repeat", [1, 2])
+def test_each_later_run_allocates_before_any_import_a_number_of_its_own(tmp_path: Path, repeat: int) -> None:
+    env = layout_env(repeat, tmp_path)
+    assert started_with(env) == str(layout_size(repeat))
+    assert layout_size(repeat) not in {layout_size(other) for other in range(3) if other != repeat}
+
+
+def test_a_pythonpath_already_set_is_kept_after_the_layouts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
+    folder = Path(layout_env(1, tmp_path)["PYTHONPATH"].split(os.pathsep)[0])
+    assert layout_env(1, tmp_path)["PYTHONPATH"] == f"{folder}{os.pathsep}/somewhere/else"
+    assert (folder / "sitecustomize.py").is_file()
