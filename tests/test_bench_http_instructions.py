@@ -13,7 +13,8 @@ from benchmarks.http_instructions import layout_env, layout_size
 
 
 def started_with(env: dict[str, str]) -> str:
-    """What a new Python process started with ``env`` over this one's finds of the layout's start-up allocation."""
+    """How many strings of a layout's start-up allocation a new Python process finds, started with ``env`` over
+    this one's environment."""
     probe = "import sys; print(len(getattr(sys.modules.get('sitecustomize'), 'LAYOUT_PAD', ())))"
     result = subprocess.run(
         [sys.executable, "-c", probe], env={**os.environ, **env}, capture_output=True, text=True, check=True
@@ -28,7 +29,7 @@ def test_the_first_run_starts_as_it_is(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("repeat", [1, 2])
-def test_each_later_run_allocates_before_any_import_a_number_of_its_own(tmp_path: Path, repeat: int) -> None:
+def test_each_later_run_allocates_at_start_up_a_number_of_strings_of_its_own(tmp_path: Path, repeat: int) -> None:
     env = layout_env(repeat, tmp_path)
     assert started_with(env) == str(layout_size(repeat))
     assert layout_size(repeat) not in {layout_size(other) for other in range(3) if other != repeat}
