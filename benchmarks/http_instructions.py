@@ -58,7 +58,15 @@ from benchmarks.common import (
     prepare_table,
 )
 from benchmarks.http_load import uvicorn_command
-from benchmarks.instructions import callgrind_total, check_counting_args, pairs, per_request_counts, render
+from benchmarks.instructions import (
+    callgrind_total,
+    check_counting_args,
+    layout_env,
+    layout_size,
+    pairs,
+    per_request_counts,
+    render,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -78,25 +86,6 @@ class Job:
     repeat: int
     port: int
     insert_base: int
-
-
-def layout_size(repeat: int) -> int:
-    """How many strings run ``repeat`` allocates at start-up, before any import: 0 for the first run."""
-    return 0 if repeat == 0 else 100 * repeat + 37
-
-
-def layout_env(repeat: int, workdir: Path) -> dict[str, str]:
-    """The environment that starts a Python process in run ``repeat``'s memory layout: a ``sitecustomize`` module
-    (which Python imports at start-up, before anything else) that allocates ``layout_size(repeat)`` strings of its
-    own and keeps them. Empty for run 0."""
-    size = layout_size(repeat)
-    if not size:
-        return {}
-    folder = workdir / f"layout-{repeat}"
-    folder.mkdir(exist_ok=True)
-    (folder / "sitecustomize.py").write_text(f"LAYOUT_PAD = [str(i) * {repeat} for i in range({size})]\n")
-    inherited = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": str(folder) if not inherited else f"{folder}{os.pathsep}{inherited}"}
 
 
 def _tail(log: Path) -> str:

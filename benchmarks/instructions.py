@@ -17,6 +17,12 @@ round trip to PostgreSQL too (the driver, SQLAlchemy, the loop's wake-ups); with
 count repeats to within a few hundred instructions in most runs, but a reply that arrives in two reads
 instead of one now and then moves it by a few thousand: run twice (``--repeat 2``) before trusting a small
 difference there.
+
+Where objects happen to land in memory moves a count by a few per cent too (benchmarks/README.md, "The same server
+in other memory layouts"), and any change to the code moves where they land: ``--repeat N`` runs each child in N
+memory layouts (run ``r`` from 0 allocates ``layout_size(r)`` strings at start-up, before anything is imported;
+run 0 as it is), and the table gives the median. Compare two versions of the code by their medians over the
+same layouts, never by one run each.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -111,6 +118,37 @@ class Job:
     """First id this child's /insert requests use: distinct per child, as children run side by side."""
 
 
+def layout_size(repeat: int) -> int:
+    """How many strings run ``repeat`` allocates at start-up, before any import: 0 for the first run."""
+    return 0 if repeat == 0 else 100 * repeat + 37
+
+
+def layout_env(repeat: int, workdir: Path) -> dict[str, str]:
+    """The environment that starts a Python process in run ``repeat``'s memory layout: a ``sitecustomize`` module
+    (which Python imports at start-up, before anything else) that allocates ``layout_size(repeat)`` strings of its
+    own and keeps them. Empty for run 0."""
+    size = layout_size(repeat)
+    if not size:
+        return {}
+    folder = workdir / f"layout-{repeat}"
+    folder.mkdir(exist_ok=True)
+    # Children of the same layout start side by side: each finds the whole file or the previous one, never half.
+    written = folder / f"sitecustomize.{os.getpid()}.{threading.get_ident()}.tmp"
+    written.write_text(f"LAYOUT_PAD = [str(i) * {repeat} for i in range({size})]\n")
+    os.replace(written, folder / "sitecustomize.py")
+    inherited = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": str(folder) if not inherited else f"{folder}{os.pathsep}{inherited}"}
+
+
+def child_env(job: Job, workdir: Path) -> dict[str, str]:
+    """The environment of ``job``'s child: this one's, a fixed hash seed, and the memory layout of its repeat."""
+    # A fixed hash seed makes dict and set layouts, and so the instruction counts, repeatable.
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", **layout_env(job.repeat, workdir)}
+    if job.route == "/insert":
+        env["BENCH_INSERT_BASE"] = str(job.insert_base)
+    return env
+
+
 def callgrind_ir(job: Job, loop: str, concurrency: int, keep_alive: bool, workdir: Path) -> int:
     """Instructions executed by a child serving ``job.requests`` requests."""
     out = workdir / f"callgrind.{job.app}.{job.route.strip('/')}.{job.requests}.{job.repeat}.out"
@@ -130,11 +168,7 @@ def callgrind_ir(job: Job, loop: str, concurrency: int, keep_alive: bool, workdi
         str(concurrency),
         *(["--keep-alive"] if keep_alive else []),
     ]
-    # A fixed hash seed makes dict and set layouts, and so the instruction counts, repeatable.
-    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
-    if job.route == "/insert":
-        env["BENCH_INSERT_BASE"] = str(job.insert_base)
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    result = subprocess.run(command, capture_output=True, text=True, env=child_env(job, workdir), cwd=ROOT, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{job}: exit {result.returncode}: {result.stderr.strip()[-2000:]}")
     return callgrind_total(out, str(job))
@@ -224,7 +258,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--routes", default=",".join(DEFAULT_ROUTES), help=f"comma-separated routes, of {', '.join(ROUTES)}"
     )
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each (app, route); the table gives the median")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each (app, route), each in a memory layout of its own; the table gives the median",
+    )
     parser.add_argument("--small", type=int, default=200, help="requests in the first child (K1)")
     parser.add_argument("--large", type=int, default=1200, help="requests in the second child (K2)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="callgrind children run at once")
@@ -305,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         + (", keep-alive (next request once the response is complete)" if args.keep_alive else "")
         + f", loop {args.loop}"
-        + (f", median of {args.repeat} runs" if args.repeat > 1 else "")
+        + (f", median of {args.repeat} memory layouts" if args.repeat > 1 else "")
         + f"; {time.perf_counter() - started:.0f}s"
     )
     text, rows = render(per_request, args.routes, header) if per_request else ("no results", [])
@@ -322,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "keep_alive": args.keep_alive,
         "git": git_state(),
         "repeat": args.repeat,
+        "layout_sizes": [layout_size(repeat) for repeat in range(args.repeat)],
         "raw_ir": [
             {"app": j.app, "route": j.route, "requests": j.requests, "repeat": j.repeat, "ir": ir}
             for j, ir in counts.items()

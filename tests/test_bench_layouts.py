@@ -1,4 +1,5 @@
-"""benchmarks/http_instructions.py: each repeat of a server starts in a memory layout of its own."""
+"""benchmarks/instructions.py and http_instructions.py: each repeat of a child or a server starts in a memory layout
+of its own."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.http_instructions import layout_env, layout_size
+from benchmarks.instructions import Job, child_env, layout_env, layout_size
 
 
 def started_with(env: dict[str, str]) -> str:
@@ -40,3 +41,17 @@ def test_a_pythonpath_already_set_is_kept_after_the_layouts(tmp_path: Path, monk
     folder, inherited = layout_env(1, tmp_path)["PYTHONPATH"].split(os.pathsep, 1)
     assert inherited == "/somewhere/else"
     assert (Path(folder) / "sitecustomize.py").is_file()
+
+
+def test_a_layout_written_again_leaves_only_its_module(tmp_path: Path) -> None:
+    first = layout_env(2, tmp_path)
+    assert layout_env(2, tmp_path) == first
+    assert [path.name for path in (tmp_path / "layout-2").iterdir()] == ["sitecustomize.py"]
+    assert started_with(first) == str(layout_size(2))
+
+
+@pytest.mark.parametrize("repeat", [0, 1, 2])
+def test_an_in_process_child_starts_in_its_repeats_layout(tmp_path: Path, repeat: int) -> None:
+    env = child_env(Job("asgi-db-session", "/read", 100, repeat), tmp_path)
+    assert env["PYTHONHASHSEED"] == "0"
+    assert started_with(env) == str(layout_size(repeat))
