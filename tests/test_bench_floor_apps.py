@@ -1,0 +1,70 @@
+"""benchmarks/apps.py's floor-safe-close: the least a close that the contract allows does, and it does all of it.
+
+Its figures are a floor only if its close is as safe as the contract asks (to its end under cancellations, within
+a bound, a connection that cannot be cleaned up thrown away): checked here against PostgreSQL, as the package's
+own close is in test_cancellation.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from asgi_db_session.settings import DEFAULT_CLEANUP_TIMEOUT
+from benchmarks.apps import SAFE_CLOSE_SECONDS, _shielded_close
+
+from .conftest import PG_URL
+
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("postgresql_dsn")]
+
+
+def test_the_floors_bound_is_the_packages_default() -> None:
+    assert SAFE_CLOSE_SECONDS == DEFAULT_CLEANUP_TIMEOUT
+
+
+async def _session_in_a_transaction(engine: AsyncEngine) -> AsyncSession:
+    session = AsyncSession(engine)
+    assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+    assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+    return session
+
+
+async def test_the_close_runs_to_its_end_under_repeated_cancellations() -> None:
+    engine = create_async_engine(PG_URL, pool_size=1, max_overflow=0)
+    invalidated: list[object] = []
+    event.listen(engine.sync_engine, "invalidate", lambda *args: invalidated.append(args))
+    rollbacks: list[object] = []
+    event.listen(engine.sync_engine, "rollback", lambda connection: rollbacks.append(connection))
+    try:
+        session = await _session_in_a_transaction(engine)
+        closing = asyncio.create_task(_shielded_close(session, SAFE_CLOSE_SECONDS))
+        await asyncio.sleep(0)
+        cancels = 0
+        # Cancelled again at every turn until it ends, as an anyio cancel scope does.
+        while not closing.done():
+            cancels += closing.cancel()
+            await asyncio.sleep(0)
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert cancels >= 2
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert invalidated == []
+        assert len(rollbacks) == 1
+    finally:
+        await engine.dispose()
+
+
+async def test_a_close_past_its_bound_throws_the_connection_away() -> None:
+    engine = create_async_engine(PG_URL, pool_size=1, max_overflow=0)
+    invalidated: list[object] = []
+    event.listen(engine.sync_engine, "invalidate", lambda *args: invalidated.append(args))
+    try:
+        session = await _session_in_a_transaction(engine)
+        await _shielded_close(session, 1e-9)
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert len(invalidated) == 1
+    finally:
+        await engine.dispose()
