@@ -511,6 +511,9 @@ class AppSpec:
     """False: the app has /nodb only."""
     in_default_run: bool = True
     """False: run.py measures it only when --apps names it (paired.py and instructions.py take any app)."""
+    modules: tuple[str, ...] = ()
+    """What its builder imports beyond this module's own imports: a server started with ``BENCH_SAME_HEAP``
+    imports these for every app of the run, so that each walks the same heap in its collections (server.py)."""
 
 
 BARE = "bare"
@@ -521,6 +524,7 @@ FLOOR_CONTEXTVAR = "floor-contextvar"
 FLOOR_SEND = "floor-send"
 FLOOR_LATE_CLOSE = "floor-late-close"
 FLOOR_SAFE_CLOSE = "floor-safe-close"
+_OUR_MODULES = ("asgi_db_session",)
 FLOORS = (FLOOR_PASSTHROUGH, FLOOR_CONTEXTVAR, FLOOR_SEND, FLOOR_LATE_CLOSE, FLOOR_SAFE_CLOSE)
 
 APPS: dict[str, AppSpec] = {
@@ -553,38 +557,63 @@ APPS: dict[str, AppSpec] = {
             "the same, its close shielded from cancellation (asyncio.shield, a task) and bounded (asyncio.timeout)",
             build_floor_safe_close,
         ),
-        AppSpec("fastapi-depends", "FastAPI, `Depends(get_db)` yield dependency", build_fastapi_depends),
-        AppSpec("fastapi-async-sqlalchemy", "Starlette + fastapi-async-sqlalchemy", build_fastapi_async_sqlalchemy),
-        AppSpec("advanced-alchemy", "Starlette + advanced-alchemy extension", build_advanced_alchemy),
-        AppSpec(OURS, "Starlette + DBSessionMiddleware (manual commit)", build_asgi_db_session),
+        AppSpec(
+            "fastapi-depends",
+            "FastAPI, `Depends(get_db)` yield dependency",
+            build_fastapi_depends,
+            modules=("fastapi",),
+        ),
+        AppSpec(
+            "fastapi-async-sqlalchemy",
+            "Starlette + fastapi-async-sqlalchemy",
+            build_fastapi_async_sqlalchemy,
+            modules=("fastapi_async_sqlalchemy",),
+        ),
+        AppSpec(
+            "advanced-alchemy",
+            "Starlette + advanced-alchemy extension",
+            build_advanced_alchemy,
+            modules=("advanced_alchemy.extensions.starlette",),
+        ),
+        AppSpec(OURS, "Starlette + DBSessionMiddleware (manual commit)", build_asgi_db_session, modules=_OUR_MODULES),
         AppSpec(
             "asgi-db-session-commit",
             "Starlette + DBSessionMiddleware(commit_on_success=True)",
             build_asgi_db_session_commit,
+            modules=_OUR_MODULES,
         ),
         AppSpec(
             "asgi-db-session-replay",
             "the same with ReplayConflicts(only_marked=True) outside, no route marked",
             build_asgi_db_session_replay,
+            modules=_OUR_MODULES,
             in_default_run=False,
         ),
         AppSpec(
             "asgi-db-session-commit-nocheck",
             "the same with DATABASE_COMMIT_OUTCOME_CHECK=false: no transaction id read before COMMIT",
             build_asgi_db_session_commit_nocheck,
+            modules=_OUR_MODULES,
             in_default_run=False,
         ),
-        AppSpec("asgi-db-session-fastapi", "FastAPI + DBSessionMiddleware", build_asgi_db_session_fastapi),
+        AppSpec(
+            "asgi-db-session-fastapi",
+            "FastAPI + DBSessionMiddleware",
+            build_asgi_db_session_fastapi,
+            modules=("fastapi", *_OUR_MODULES),
+        ),
         AppSpec(
             "asgi-db-session-metrics",
             "Starlette + DBSessionMiddleware with the pool metrics recorded (OpenTelemetry SDK)",
             build_asgi_db_session_metrics,
+            modules=(*_OUR_MODULES, "opentelemetry.sdk.metrics"),
             in_default_run=False,
         ),
         AppSpec(
             "asgi-db-session-unguarded",
             "Starlette + DBSessionMiddleware(session_options={'class_': AsyncSession}): no concurrency guard",
             build_asgi_db_session_unguarded,
+            modules=_OUR_MODULES,
             in_default_run=False,
         ),
     )

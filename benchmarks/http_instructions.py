@@ -129,7 +129,9 @@ async def _load(port: int, route: str, requests: int, concurrency: int) -> None:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def _measure(job: Job, settings: EngineSettings, concurrency: int, workdir: Path) -> int:
+async def _measure(
+    job: Job, settings: EngineSettings, concurrency: int, workdir: Path, same_heap: Sequence[str] = ()
+) -> int:
     """Instructions the server executed from its start to its exit, serving ``job.requests`` requests."""
     out = workdir / f"callgrind.{job.app}.{job.route.strip('/')}.{job.requests}.{job.repeat}.out"
     log = workdir / f"server.{job.app}.{job.route.strip('/')}.{job.requests}.{job.repeat}.log"
@@ -147,6 +149,7 @@ async def _measure(job: Job, settings: EngineSettings, concurrency: int, workdir
         # an error instead of a count.
         "BENCH_CLEANUP_TIMEOUT": str(_START_LIMIT),
         **layout_env(job.repeat, workdir),
+        **({"BENCH_SAME_HEAP": ",".join(same_heap)} if same_heap else {}),
     }
     command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *uvicorn_command(job.port)]
     with log.open("wb") as log_file:
@@ -170,7 +173,12 @@ async def _measure(job: Job, settings: EngineSettings, concurrency: int, workdir
 
 
 async def _run_all(
-    jobs: Sequence[Job], settings: EngineSettings, concurrency: int, parallel: int, workdir: Path
+    jobs: Sequence[Job],
+    settings: EngineSettings,
+    concurrency: int,
+    parallel: int,
+    workdir: Path,
+    same_heap: Sequence[str] = (),
 ) -> tuple[dict[Job, int], dict[tuple[str, str], str]]:
     gate = asyncio.Semaphore(max(1, parallel))
     counts: dict[Job, int] = {}
@@ -179,7 +187,7 @@ async def _run_all(
     async def one(job: Job) -> None:
         async with gate:
             try:
-                counts[job] = await _measure(job, settings, concurrency, workdir)
+                counts[job] = await _measure(job, settings, concurrency, workdir, same_heap)
             except Exception as exc:
                 failures[(job.app, job.route)] = str(exc)
             else:
@@ -211,6 +219,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1,
         help="runs of each (app, route), each in a memory layout of its own; the table gives the median",
     )
+    parser.add_argument(
+        "--same-heap",
+        action="store_true",
+        help="every server imports what each app of the run imports before building its own (server.py, "
+        "BENCH_SAME_HEAP): the collector then walks heaps of the same size in all of them",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="servers under callgrind at once")
     parser.add_argument("--port", type=int, default=18631, help="first port the servers listen on (127.0.0.1)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "http-instructions.json", help="results file")
@@ -240,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-http-callgrind-"))
     started = time.perf_counter()
     print(f"{len(jobs)} servers under callgrind, {args.jobs} at a time, in {workdir}", file=sys.stderr, flush=True)
-    counts, failures = asyncio.run(_run_all(jobs, settings, args.concurrency, args.jobs, workdir))
+    same_heap = args.apps if args.same_heap else ()
+    counts, failures = asyncio.run(_run_all(jobs, settings, args.concurrency, args.jobs, workdir, same_heap))
     if querying:
         asyncio.run(clean_inserted(settings.url))
     if not failures:
@@ -251,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Instructions per request of the server (uvicorn under callgrind, (Ir(K2) - Ir(K1)) / (K2 - K1), "
         f"K1={args.small}, K2={args.large}), {args.concurrency} keep-alive connections"
         + (f", median of {args.repeat} memory layouts" if args.repeat > 1 else "")
+        + (", every server holding every app's modules" if args.same_heap else "")
         + f"; {time.perf_counter() - started:.0f}s"
     )
     text, rows = render(per_request, args.routes, header) if per_request else ("no results", [])
@@ -267,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "git": git_state(),
         "repeat": args.repeat,
         "layout_sizes": [layout_size(repeat) for repeat in range(args.repeat)],
+        "same_heap": list(same_heap),
         "raw_ir": [
             {"app": j.app, "route": j.route, "requests": j.requests, "repeat": j.repeat, "ir": ir}
             for j, ir in counts.items()

@@ -5,11 +5,15 @@ The app is chosen by ``BENCH_APP``; the engine settings come from ``BENCH_*`` va
 ``BENCH_SERVER_GC=off`` disables the garbage collector once the app is built (``run.py --http --server-gc off``).
 ``BENCH_CLEANUP_TIMEOUT`` replaces asgi_db_session's default cleanup bound for apps given an engine (which read
 no DATABASE_* setting): under callgrind (``http_instructions.py``) every wait is ~50 times longer.
+``BENCH_SAME_HEAP`` (comma-separated app keys) imports, before the app is built, what each of those apps' builders
+imports (``AppSpec.modules``): every server of a run then holds the same modules, so that the collector's full
+collections walk heaps of the same size and the apps differ only in what their requests do.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import sys
 
@@ -23,6 +27,11 @@ def create_app() -> ASGIApp:
     key = os.environ.get("BENCH_APP", "")
     if key not in APPS:
         raise SystemExit(f"BENCH_APP={key!r} is not one of {', '.join(APPS)}")
+    for other in filter(None, os.environ.get("BENCH_SAME_HEAP", "").split(",")):
+        if other not in APPS:
+            raise SystemExit(f"BENCH_SAME_HEAP names {other!r}, not one of {', '.join(APPS)}")
+        for module in APPS[other].modules:
+            importlib.import_module(module)
     app = APPS[key].build(EngineSettings.from_env())
     cleanup_timeout = os.environ.get("BENCH_CLEANUP_TIMEOUT")
     # Only where the app imported the package: importing it into another app's process would change that
