@@ -14,7 +14,9 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from asgi_db_session.settings import DEFAULT_CLEANUP_TIMEOUT
-from benchmarks.apps import SAFE_CLOSE_SECONDS, _shielded_close
+from benchmarks.apps import APPS, FLOOR_LATE_CLOSE, FLOOR_SAFE_CLOSE, SAFE_CLOSE_SECONDS, _shielded_close
+from benchmarks.common import EngineSettings, prepare_table
+from benchmarks.driver import Lifespan, run_batch
 
 from .conftest import PG_URL
 
@@ -68,3 +70,18 @@ async def test_a_close_past_its_bound_throws_the_connection_away() -> None:
         assert len(invalidated) == 1
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("key", [FLOOR_LATE_CLOSE, FLOOR_SAFE_CLOSE])
+@pytest.mark.parametrize("route", ["/read", "/stream"])
+async def test_the_floors_serve_the_querying_routes(key: str, route: str) -> None:
+    """Each response checked by the driver, eight at a time on a pool of four: the sessions are closed."""
+    await prepare_table(PG_URL)
+    app = APPS[key].build(EngineSettings(url=PG_URL, pool_size=4, pool_timeout=10))
+    lifespan = Lifespan(app)
+    await lifespan.startup()
+    try:
+        batch = await run_batch(app, route, 40, 8, lifespan.state, limit=30, keep_alive=True)
+    finally:
+        await lifespan.shutdown()
+    assert (batch.errors, batch.first_error) == (0, None)
