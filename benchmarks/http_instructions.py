@@ -130,7 +130,12 @@ async def _load(port: int, route: str, requests: int, concurrency: int) -> None:
 
 
 async def _measure(
-    job: Job, settings: EngineSettings, concurrency: int, workdir: Path, same_heap: Sequence[str] = ()
+    job: Job,
+    settings: EngineSettings,
+    concurrency: int,
+    workdir: Path,
+    same_heap: Sequence[str] = (),
+    server_gc: str = "on",
 ) -> int:
     """Instructions the server executed from its start to its exit, serving ``job.requests`` requests."""
     out = workdir / f"callgrind.{job.app}.{job.route.strip('/')}.{job.requests}.{job.repeat}.out"
@@ -150,6 +155,7 @@ async def _measure(
         "BENCH_CLEANUP_TIMEOUT": str(_START_LIMIT),
         **layout_env(job.repeat, workdir),
         **({"BENCH_SAME_HEAP": ",".join(same_heap)} if same_heap else {}),
+        **({"BENCH_SERVER_GC": server_gc} if server_gc != "on" else {}),
     }
     command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *uvicorn_command(job.port)]
     with log.open("wb") as log_file:
@@ -179,6 +185,7 @@ async def _run_all(
     parallel: int,
     workdir: Path,
     same_heap: Sequence[str] = (),
+    server_gc: str = "on",
 ) -> tuple[dict[Job, int], dict[tuple[str, str], str]]:
     gate = asyncio.Semaphore(max(1, parallel))
     counts: dict[Job, int] = {}
@@ -187,7 +194,7 @@ async def _run_all(
     async def one(job: Job) -> None:
         async with gate:
             try:
-                counts[job] = await _measure(job, settings, concurrency, workdir, same_heap)
+                counts[job] = await _measure(job, settings, concurrency, workdir, same_heap, server_gc)
             except Exception as exc:
                 failures[(job.app, job.route)] = str(exc)
             else:
@@ -225,6 +232,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="every server imports what each app of the run imports before building its own (server.py, "
         "BENCH_SAME_HEAP): the collector then walks heaps of the same size in all of them",
     )
+    parser.add_argument(
+        "--server-gc",
+        choices=("on", "freeze"),
+        default="on",
+        help="freeze: each server moves what is alive once its app is built out of the collector's view "
+        "(gc.freeze(), server.py)",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="servers under callgrind at once")
     parser.add_argument("--port", type=int, default=18631, help="first port the servers listen on (127.0.0.1)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "http-instructions.json", help="results file")
@@ -255,7 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     print(f"{len(jobs)} servers under callgrind, {args.jobs} at a time, in {workdir}", file=sys.stderr, flush=True)
     same_heap = args.apps if args.same_heap else ()
-    counts, failures = asyncio.run(_run_all(jobs, settings, args.concurrency, args.jobs, workdir, same_heap))
+    counts, failures = asyncio.run(
+        _run_all(jobs, settings, args.concurrency, args.jobs, workdir, same_heap, args.server_gc)
+    )
     if querying:
         asyncio.run(clean_inserted(settings.url))
     if not failures:
@@ -267,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"K1={args.small}, K2={args.large}), {args.concurrency} keep-alive connections"
         + (f", median of {args.repeat} memory layouts" if args.repeat > 1 else "")
         + (", every server holding every app's modules" if args.same_heap else "")
+        + (", the collector's view frozen after start-up" if args.server_gc == "freeze" else "")
         + f"; {time.perf_counter() - started:.0f}s"
     )
     text, rows = render(per_request, args.routes, header) if per_request else ("no results", [])
@@ -284,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeat": args.repeat,
         "layout_sizes": [layout_size(repeat) for repeat in range(args.repeat)],
         "same_heap": list(same_heap),
+        "server_gc": args.server_gc,
         "raw_ir": [
             {"app": j.app, "route": j.route, "requests": j.requests, "repeat": j.repeat, "ir": ir}
             for j, ir in counts.items()

@@ -2,7 +2,9 @@
 
 The app is chosen by ``BENCH_APP``; the engine settings come from ``BENCH_*`` variables (see
 ``EngineSettings.from_env``), and ``BENCH_INSERT_BASE`` gives this server's /insert ids their own range.
-``BENCH_SERVER_GC=off`` disables the garbage collector once the app is built (``run.py --http --server-gc off``).
+``BENCH_SERVER_GC=off`` disables the garbage collector once the app is built (``run.py --http --server-gc off``);
+``BENCH_SERVER_GC=freeze`` moves everything alive then out of its view (``gc.freeze()``: what an app can do in its
+own start-up), so that its collections walk only what the requests made (``http_instructions.py --server-gc``).
 ``BENCH_CLEANUP_TIMEOUT`` replaces asgi_db_session's default cleanup bound for apps given an engine (which read
 no DATABASE_* setting): under callgrind (``http_instructions.py``) every wait is ~50 times longer.
 ``BENCH_SAME_HEAP`` (comma-separated app keys) imports, before the app is built, what each of those apps' builders
@@ -41,7 +43,11 @@ def create_app() -> ASGIApp:
         # Read by each Database made from an engine (its module's own binding of the name), when Starlette
         # builds the middleware stack at the first call (lifespan startup), after this.
         setattr(database, "DEFAULT_CLEANUP_TIMEOUT", float(cleanup_timeout))  # noqa: B010
-    if os.environ.get("BENCH_SERVER_GC") == "off":
+    server_gc = os.environ.get("BENCH_SERVER_GC")
+    if server_gc == "off":
         gc.collect()
         gc.disable()
+    elif server_gc == "freeze":
+        gc.collect()
+        gc.freeze()
     return app

@@ -40,6 +40,22 @@ def test_server_gc_setting_turns_the_collector_off_only_when_asked(
     assert gc.isenabled() is collecting
 
 
+@pytest.mark.usefixtures("collector_restored")
+def test_server_gc_freeze_leaves_the_collector_on_with_the_start_up_out_of_its_view(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gc.enable()
+    gc.unfreeze()
+    monkeypatch.setenv("BENCH_APP", "bare")
+    monkeypatch.setenv("BENCH_SERVER_GC", "freeze")
+    try:
+        create_app()
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
 def _modules_after_create_app(env: dict[str, str]) -> set[str]:
     """The top-level packages a fresh interpreter holds once server.py has built the app ``env`` names, beyond
     those that importing server.py brings."""
