@@ -129,20 +129,26 @@ async def _load(port: int, route: str, requests: int, concurrency: int) -> None:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def _measure(
-    job: Job,
-    settings: EngineSettings,
-    concurrency: int,
-    workdir: Path,
-    same_heap: Sequence[str] = (),
-    server_gc: str = "on",
-) -> int:
+@dataclass(frozen=True)
+class Setup:
+    """What every server of a run shares."""
+
+    settings: EngineSettings
+    concurrency: int
+    workdir: Path
+    same_heap: tuple[str, ...] = ()
+    """App keys whose modules every server imports first (server.py's BENCH_SAME_HEAP); empty: none."""
+    server_gc: str = "on"
+    """server.py's BENCH_SERVER_GC: "on", or "freeze"."""
+
+
+async def _measure(job: Job, setup: Setup) -> int:
     """Instructions the server executed from its start to its exit, serving ``job.requests`` requests."""
-    out = workdir / f"callgrind.{job.app}.{job.route.strip('/')}.{job.requests}.{job.repeat}.out"
-    log = workdir / f"server.{job.app}.{job.route.strip('/')}.{job.requests}.{job.repeat}.log"
+    out = setup.workdir / f"callgrind.{job.app}.{job.route.strip('/')}.{job.requests}.{job.repeat}.out"
+    log = setup.workdir / f"server.{job.app}.{job.route.strip('/')}.{job.requests}.{job.repeat}.log"
     env = {
         **os.environ,
-        **settings.to_env(),
+        **setup.settings.to_env(),
         "BENCH_APP": job.app,
         "BENCH_INSERT_BASE": str(job.insert_base),
         # A fixed hash seed makes dict and set layouts, and so the instruction counts, repeatable.
@@ -153,9 +159,9 @@ async def _measure(
         # response would outlast the cleanup's bound, a request behind it the pool's, and each would end in
         # an error instead of a count.
         "BENCH_CLEANUP_TIMEOUT": str(_START_LIMIT),
-        **layout_env(job.repeat, workdir),
-        **({"BENCH_SAME_HEAP": ",".join(same_heap)} if same_heap else {}),
-        **({"BENCH_SERVER_GC": server_gc} if server_gc != "on" else {}),
+        **layout_env(job.repeat, setup.workdir),
+        **({"BENCH_SAME_HEAP": ",".join(setup.same_heap)} if setup.same_heap else {}),
+        **({"BENCH_SERVER_GC": setup.server_gc} if setup.server_gc != "on" else {}),
     }
     command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *uvicorn_command(job.port)]
     with log.open("wb") as log_file:
@@ -164,7 +170,7 @@ async def _measure(
         )
     try:
         await _wait_listening(job.port, process, log)
-        await _load(job.port, job.route, job.requests, concurrency)
+        await _load(job.port, job.route, job.requests, setup.concurrency)
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGINT)
@@ -179,13 +185,7 @@ async def _measure(
 
 
 async def _run_all(
-    jobs: Sequence[Job],
-    settings: EngineSettings,
-    concurrency: int,
-    parallel: int,
-    workdir: Path,
-    same_heap: Sequence[str] = (),
-    server_gc: str = "on",
+    jobs: Sequence[Job], setup: Setup, parallel: int
 ) -> tuple[dict[Job, int], dict[tuple[str, str], str]]:
     gate = asyncio.Semaphore(max(1, parallel))
     counts: dict[Job, int] = {}
@@ -194,7 +194,7 @@ async def _run_all(
     async def one(job: Job) -> None:
         async with gate:
             try:
-                counts[job] = await _measure(job, settings, concurrency, workdir, same_heap, server_gc)
+                counts[job] = await _measure(job, setup)
             except Exception as exc:
                 failures[(job.app, job.route)] = str(exc)
             else:
@@ -268,10 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-http-callgrind-"))
     started = time.perf_counter()
     print(f"{len(jobs)} servers under callgrind, {args.jobs} at a time, in {workdir}", file=sys.stderr, flush=True)
-    same_heap = args.apps if args.same_heap else ()
-    counts, failures = asyncio.run(
-        _run_all(jobs, settings, args.concurrency, args.jobs, workdir, same_heap, args.server_gc)
-    )
+    same_heap = tuple(args.apps) if args.same_heap else ()
+    setup = Setup(settings, args.concurrency, workdir, same_heap, args.server_gc)
+    counts, failures = asyncio.run(_run_all(jobs, setup, args.jobs))
     if querying:
         asyncio.run(clean_inserted(settings.url))
     if not failures:
