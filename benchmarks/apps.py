@@ -162,10 +162,11 @@ _late_close_var: ContextVar[_LateCloseHolder] = ContextVar("bench_late_close")
 
 
 class _LateClose:
-    """Makes each request's session on first use and closes it once the app has returned, plainly (no shield
-    against cancellation, no guard against two tasks, no commit policy): the least that a middleware whose
-    session stays usable until the ASGI call ends (a streaming body, a background task) does. The hand-written
-    app closes its session before its response is even sent, which the middleware's contract cannot do."""
+    """Makes each request's session on first use and closes it with ``close`` once the app has returned: by
+    default plainly, ``session.close()`` (no shield against cancellation, no guard against two tasks, no commit
+    policy), the least that a middleware whose session stays usable until the ASGI call ends (a streaming body, a
+    background task) does; floor-safe-close gives it the close the contract asks for. The hand-written app closes
+    its session before its response is even sent, which the middleware's contract cannot do."""
 
     def __init__(
         self,
