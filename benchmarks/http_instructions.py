@@ -61,7 +61,7 @@ from benchmarks.http_load import uvicorn_command
 from benchmarks.instructions import (
     callgrind_total,
     check_counting_args,
-    layout_env,
+    counted_env,
     layout_size,
     pairs,
     per_request_counts,
@@ -147,19 +147,15 @@ async def _measure(job: Job, setup: Setup) -> int:
     out = setup.workdir / f"callgrind.{job.app}.{job.route.strip('/')}.{job.requests}.{job.repeat}.out"
     log = setup.workdir / f"server.{job.app}.{job.route.strip('/')}.{job.requests}.{job.repeat}.log"
     env = {
-        **os.environ,
+        **counted_env(job.repeat, setup.workdir),
         **setup.settings.to_env(),
         "BENCH_APP": job.app,
         "BENCH_INSERT_BASE": str(job.insert_base),
-        # A fixed hash seed makes dict and set layouts, and so the instruction counts, repeatable.
-        "PYTHONHASHSEED": "0",
-        "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONWARNINGS": "ignore",
         # Every wait that is bounded in real time is ~50 times longer under callgrind: a rollback after the
         # response would outlast the cleanup's bound, a request behind it the pool's, and each would end in
         # an error instead of a count.
         "BENCH_CLEANUP_TIMEOUT": str(_START_LIMIT),
-        **layout_env(job.repeat, setup.workdir),
         **({"BENCH_SAME_HEAP": ",".join(setup.same_heap)} if setup.same_heap else {}),
         **({"BENCH_SERVER_GC": setup.server_gc} if setup.server_gc != "on" else {}),
     }

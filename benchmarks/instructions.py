@@ -140,10 +140,16 @@ def layout_env(repeat: int, workdir: Path) -> dict[str, str]:
     return {"PYTHONPATH": str(folder) if not inherited else f"{folder}{os.pathsep}{inherited}"}
 
 
-def child_env(job: Job, workdir: Path) -> dict[str, str]:
-    """The environment of ``job``'s child: this one's, a fixed hash seed, and the memory layout of its repeat."""
+def counted_env(repeat: int, workdir: Path) -> dict[str, str]:
+    """The environment of a process whose instructions are counted: this one's, a fixed hash seed, and run
+    ``repeat``'s memory layout (for the in-process children here and the servers of http_instructions.py)."""
     # A fixed hash seed makes dict and set layouts, and so the instruction counts, repeatable.
-    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", **layout_env(job.repeat, workdir)}
+    return {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", **layout_env(repeat, workdir)}
+
+
+def child_env(job: Job, workdir: Path) -> dict[str, str]:
+    """The environment of ``job``'s child: ``counted_env`` of its repeat, and its /insert ids."""
+    env = counted_env(job.repeat, workdir)
     if job.route == "/insert":
         env["BENCH_INSERT_BASE"] = str(job.insert_base)
     return env
