@@ -17,8 +17,9 @@ the figure is that of a busy server, the case where the overhead matters.
 
 Where objects happen to land in memory moves these counts by a few per cent, the same code in the same process
 (benchmarks/README.md, "The same server in other memory layouts"), so ``--repeat N`` runs each server in N
-layouts: run ``r`` (from 0) starts after a start-up of its own that allocates ``layout_size(r)`` strings before
-anything is imported (``sitecustomize``), run 0 as it is; the table gives the median over the layouts.
+layouts: run ``r`` (from 0) starts after a start-up of its own that allocates ``layout_size(r)`` strings and
+makes ``layout_types(r)`` classes before anything is imported (``sitecustomize``), run 0 as it is; the table gives
+the median over the layouts.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from benchmarks.instructions import (
     check_counting_args,
     counted_env,
     layout_size,
+    layout_types,
     pairs,
     per_request_counts,
     render,
@@ -295,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "git": git_state(),
         "repeat": args.repeat,
         "layout_sizes": [layout_size(repeat) for repeat in range(args.repeat)],
+        "layout_types": [layout_types(repeat) for repeat in range(args.repeat)],
         "same_heap": list(same_heap),
         "server_gc": args.server_gc,
         "raw_ir": [

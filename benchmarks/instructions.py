@@ -20,9 +20,10 @@ difference there.
 
 Where objects happen to land in memory moves a count by a few per cent too (benchmarks/README.md, "The same server
 in other memory layouts"), and any change to the code moves where they land: ``--repeat N`` runs each child in N
-memory layouts (run ``r`` from 0 allocates ``layout_size(r)`` strings at start-up, before anything is imported;
-run 0 as it is), and the table gives the median. Compare two versions of the code by their medians over the
-same layouts, never by one run each.
+layouts (run ``r`` from 0 allocates ``layout_size(r)`` strings and makes ``layout_types(r)`` classes at start-up,
+before anything is imported, which moves both where objects land and the type version tags that CPython's
+attribute cache is indexed by; run 0 as it is), and the table gives the median. Compare two versions of the code
+by their medians over the same layouts, never by one run each.
 """
 
 from __future__ import annotations
@@ -123,10 +124,21 @@ def layout_size(repeat: int) -> int:
     return 0 if repeat == 0 else 100 * repeat + 37
 
 
+def layout_types(repeat: int) -> int:
+    """How many classes run ``repeat`` makes at start-up, before any import: 0 for the first run.
+
+    Each class takes a type version tag, so every class made after them has another tag than in run 0. CPython
+    caches attribute lookups on types in a table of 4,096 entries indexed by the type's tag and the name: which
+    lookups of a request share an entry, and so miss the cache and search the class's MRO every time, depends on
+    the tags. Moving the memory alone leaves the tags as they were (benchmarks/README.md, "Type version tags").
+    """
+    return 0 if repeat == 0 else 23 * repeat + 5
+
+
 def layout_env(repeat: int, workdir: Path) -> dict[str, str]:
-    """The environment that starts a Python process in run ``repeat``'s memory layout: a ``sitecustomize`` module
-    (which Python imports at start-up, before anything else) that allocates ``layout_size(repeat)`` strings of its
-    own and keeps them. Empty for run 0."""
+    """The environment that starts a Python process in run ``repeat``'s layout: a ``sitecustomize`` module (which
+    Python imports at start-up, before anything else) that allocates ``layout_size(repeat)`` strings of its own
+    and makes ``layout_types(repeat)`` classes, and keeps them. Empty for run 0."""
     size = layout_size(repeat)
     if not size:
         return {}
@@ -134,7 +146,13 @@ def layout_env(repeat: int, workdir: Path) -> dict[str, str]:
     folder.mkdir(exist_ok=True)
     # Children of the same layout start side by side: each finds the whole file or the previous one, never half.
     written = folder / f"sitecustomize.{os.getpid()}.{threading.get_ident()}.tmp"
-    written.write_text(f"LAYOUT_PAD = [str(i) * {repeat} for i in range({size})]\n")
+    written.write_text(
+        f"LAYOUT_PAD = [str(i) * {repeat} for i in range({size})]\n"
+        f"LAYOUT_TYPES = [type(f'LayoutType{{i}}', (), {{}}) for i in range({layout_types(repeat)})]\n"
+        # A lookup on each class gives it its version tag now, whatever type creation does.
+        "for _type in LAYOUT_TYPES:\n"
+        "    getattr(_type, 'layout', None)\n"
+    )
     os.replace(written, folder / "sitecustomize.py")
     inherited = os.environ.get("PYTHONPATH")
     return {"PYTHONPATH": str(folder) if not inherited else f"{folder}{os.pathsep}{inherited}"}
@@ -368,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "git": git_state(),
         "repeat": args.repeat,
         "layout_sizes": [layout_size(repeat) for repeat in range(args.repeat)],
+        "layout_types": [layout_types(repeat) for repeat in range(args.repeat)],
         "raw_ir": [
             {"app": j.app, "route": j.route, "requests": j.requests, "repeat": j.repeat, "ir": ir}
             for j, ir in counts.items()

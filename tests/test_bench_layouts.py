@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.instructions import Job, child_env, layout_env, layout_size
+from benchmarks.instructions import Job, child_env, layout_env, layout_size, layout_types
 
 
-def started_with(env: dict[str, str]) -> str:
-    """How many strings of a layout's start-up allocation a new Python process finds, started with ``env`` over
-    this one's environment."""
-    probe = "import sys; print(len(getattr(sys.modules.get('sitecustomize'), 'LAYOUT_PAD', ())))"
+def started_with(env: dict[str, str], name: str = "LAYOUT_PAD") -> str:
+    """How many objects of a layout's start-up (strings: LAYOUT_PAD, classes: LAYOUT_TYPES) a new Python process
+    finds, started with ``env`` over this one's environment."""
+    probe = f"import sys; print(len(getattr(sys.modules.get('sitecustomize'), {name!r}, ())))"
     result = subprocess.run(
         [sys.executable, "-c", probe], env={**os.environ, **env}, capture_output=True, text=True, check=True
     )
@@ -25,6 +25,7 @@ def started_with(env: dict[str, str]) -> str:
 
 def test_the_first_run_starts_as_it_is(tmp_path: Path) -> None:
     assert layout_size(0) == 0
+    assert layout_types(0) == 0
     assert layout_env(0, tmp_path) == {}
     assert list(tmp_path.iterdir()) == []
 
@@ -34,6 +35,14 @@ def test_each_later_run_allocates_at_start_up_a_number_of_strings_of_its_own(tmp
     env = layout_env(repeat, tmp_path)
     assert started_with(env) == str(layout_size(repeat))
     assert layout_size(repeat) not in {layout_size(other) for other in range(3) if other != repeat}
+
+
+@pytest.mark.parametrize("repeat", [1, 2])
+def test_each_later_run_makes_at_start_up_a_number_of_classes_of_its_own(tmp_path: Path, repeat: int) -> None:
+    # Each class takes a type version tag, so the app's classes take other tags than in run 0.
+    env = layout_env(repeat, tmp_path)
+    assert started_with(env, "LAYOUT_TYPES") == str(layout_types(repeat))
+    assert layout_types(repeat) not in {layout_types(other) for other in range(3) if other != repeat}
 
 
 def test_a_pythonpath_already_set_is_kept_after_the_layouts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
