@@ -158,6 +158,14 @@ def layout_env(repeat: int, workdir: Path) -> dict[str, str]:
     return {"PYTHONPATH": str(folder) if not inherited else f"{folder}{os.pathsep}{inherited}"}
 
 
+def layouts_record(repeats: int) -> dict[str, list[int]]:
+    """What a results file records of the layouts of ``repeats`` runs (their strings and their classes)."""
+    return {
+        "layout_sizes": [layout_size(repeat) for repeat in range(repeats)],
+        "layout_types": [layout_types(repeat) for repeat in range(repeats)],
+    }
+
+
 def counted_env(repeat: int, workdir: Path) -> dict[str, str]:
     """The environment of a process whose instructions are counted: this one's, a fixed hash seed, and run
     ``repeat``'s memory layout (for the in-process children here and the servers of http_instructions.py)."""
@@ -385,8 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "keep_alive": args.keep_alive,
         "git": git_state(),
         "repeat": args.repeat,
-        "layout_sizes": [layout_size(repeat) for repeat in range(args.repeat)],
-        "layout_types": [layout_types(repeat) for repeat in range(args.repeat)],
+        **layouts_record(args.repeat),
         "raw_ir": [
             {"app": j.app, "route": j.route, "requests": j.requests, "repeat": j.repeat, "ir": ir}
             for j, ir in counts.items()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,19 +31,16 @@ def test_the_first_run_starts_as_it_is(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+# The strings move where objects land; each class takes a type version tag, so the app's classes take other tags
+# than in run 0.
+@pytest.mark.parametrize(("name", "count"), [("LAYOUT_PAD", layout_size), ("LAYOUT_TYPES", layout_types)])
 @pytest.mark.parametrize("repeat", [1, 2])
-def test_each_later_run_allocates_at_start_up_a_number_of_strings_of_its_own(tmp_path: Path, repeat: int) -> None:
+def test_each_later_run_makes_at_start_up_a_number_of_strings_and_classes_of_its_own(
+    tmp_path: Path, repeat: int, name: str, count: Callable[[int], int]
+) -> None:
     env = layout_env(repeat, tmp_path)
-    assert started_with(env) == str(layout_size(repeat))
-    assert layout_size(repeat) not in {layout_size(other) for other in range(3) if other != repeat}
-
-
-@pytest.mark.parametrize("repeat", [1, 2])
-def test_each_later_run_makes_at_start_up_a_number_of_classes_of_its_own(tmp_path: Path, repeat: int) -> None:
-    # Each class takes a type version tag, so the app's classes take other tags than in run 0.
-    env = layout_env(repeat, tmp_path)
-    assert started_with(env, "LAYOUT_TYPES") == str(layout_types(repeat))
-    assert layout_types(repeat) not in {layout_types(other) for other in range(3) if other != repeat}
+    assert started_with(env, name) == str(count(repeat))
+    assert count(repeat) not in {count(other) for other in range(3) if other != repeat}
 
 
 def test_a_pythonpath_already_set_is_kept_after_the_layouts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
