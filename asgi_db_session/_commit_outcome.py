@@ -6,6 +6,13 @@ can, by the transaction's id: ``pg_xact_status()`` on another connection says ``
 ``in progress``. So the package's sessions read the id just before COMMIT, when the transaction wrote (a
 transaction that wrote nothing has no id, and nothing to lose), and, if the COMMIT's answer is lost, ask.
 
+An id means that transaction only on the server that gave it out, and only until that server starts again: a
+crash or a promoted standby hands out again the ids whose records never reached its disk, which are those of
+the transactions under way at the crash (a synchronous standby included: what it receives is what was flushed,
+and a transaction's records are flushed at its COMMIT). Asked there, ``pg_xact_status()`` answers for another
+transaction. So the id is read with the server's start time (``pg_postmaster_start_time()``), and a server that
+started at another time is not asked: the outcome is then unknown.
+
 The question goes over a connection of its own (a NullPool engine to the same URL, through the same PgBouncer
 if there is one): the pool may be full, or full of connections that died with this one. It is bounded in time
 (``DATABASE_COMMIT_OUTCOME_TIMEOUT``). A backend that still runs the transaction (``in progress``) has either
@@ -35,15 +42,24 @@ logger = logging.getLogger("asgi_db_session")
 
 Outcome = Literal["committed", "aborted"]
 
+SERVER_RESTARTED = (
+    "the server asked is not the one that ran the transaction: that one started at {then}, this one at {now} "
+    "(in seconds since 1970; a restart or a failover since), and it may have given the same id to another "
+    "transaction"
+)
+
 # How long a backend may stay "in progress" with the transaction before it is ended (see the module docstring).
 IN_PROGRESS_GRACE_SECONDS = 0.25
 # Pauses between questions while the backend finishes, and between connection attempts while the server is away.
 POLL_SECONDS = 0.02
 RECONNECT_SECONDS = 0.2
 
-# pg_current_xact_id_if_assigned() and pg_xact_status() came with PostgreSQL 13; the txid_ forms before.
-_READ_ID = "SELECT pg_current_xact_id_if_assigned()::text"
-_READ_ID_BEFORE_13 = "SELECT txid_current_if_assigned()::text"
+# pg_current_xact_id_if_assigned() and pg_xact_status() came with PostgreSQL 13; the txid_ forms before. The id
+# and the server's start in one text ("<id> <start>"), NULL when the transaction has no id: one value to fetch.
+_STARTED = "extract(epoch FROM pg_postmaster_start_time())::text"
+_READ_ID = f"SELECT pg_current_xact_id_if_assigned()::text || ' ' || {_STARTED}"
+_READ_ID_BEFORE_13 = f"SELECT txid_current_if_assigned()::text || ' ' || {_STARTED}"
+_READ_STARTED = text(f"SELECT {_STARTED}")
 _STATUS = text("SELECT pg_xact_status(CAST(:xid AS xid8))")
 _STATUS_BEFORE_13 = text("SELECT txid_status(CAST(:xid AS bigint))")
 # backend_xid is the 32-bit form of the id (without the epoch): unique among running transactions.
@@ -73,10 +89,19 @@ def answer_may_be_lost(error: sa_exc.DBAPIError) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class LostCommit:
-    """A COMMIT whose answer was lost: the transaction's id and the reader that can learn its outcome."""
+    """A COMMIT whose answer was lost: the transaction's id, the start of the server that gave it out, and the
+    reader that can learn its outcome."""
 
     reader: CommitOutcomeReader
-    transaction_id: str | None  # None: not read, as DATABASE_COMMIT_OUTCOME_CHECK is off
+    # Both None: not read, as DATABASE_COMMIT_OUTCOME_CHECK is off.
+    transaction_id: str | None
+    server_started: str | None
+
+    @classmethod
+    def of(cls, reader: CommitOutcomeReader, transaction: str) -> LostCommit:
+        """From what ``CommitOutcomeReader.transaction()`` read."""
+        transaction_id, _, server_started = transaction.partition(" ")
+        return cls(reader, transaction_id, server_started)
 
 
 class CommitOutcomeReader:
@@ -90,13 +115,12 @@ class CommitOutcomeReader:
         self._side_engine: AsyncEngine | None = None
 
     @staticmethod
-    def transaction_id(session: Session) -> str | None:
-        """The id of ``session``'s transaction, None if it has none (it wrote nothing) or could not be read; in
-        the session's greenlet.
+    def transaction(session: Session) -> str | None:
+        """``session``'s transaction as ``"<id> <server start>"``, None if it has no id (it wrote nothing) or
+        is not on asyncpg; in the session's greenlet. Raises what a statement would if it cannot be read.
 
         Asked of asyncpg directly: through SQLAlchemy's execution the question would cost a good part of what the
-        whole request costs. A failure here means the connection is broken, so the COMMIT that follows cannot be
-        sent and fails through SQLAlchemy as usual (which invalidates the connection): None, then.
+        whole request costs.
         """
         connection = session.connection()
         dialect = connection.dialect
@@ -106,31 +130,41 @@ class CommitOutcomeReader:
         query = _READ_ID_BEFORE_13 if version is not None and version < (13,) else _READ_ID
         driver_connection: Any = connection.connection.driver_connection
         try:
-            xid: str | None = await_only(driver_connection.fetchval(query))
+            transaction: str | None = await_only(driver_connection.fetchval(query))
         except Exception:
-            logger.debug("reading the transaction's id before COMMIT failed", exc_info=True)
-            return None
-        return xid
+            logger.debug("reading the transaction's id before COMMIT failed; reading it again", exc_info=True)
+            # A broken connection, or an error that leaves the transaction aborted (the server refused the query,
+            # asyncpg's command timeout cancelled it): COMMIT would then end the transaction as ROLLBACK and
+            # report success. Through SQLAlchemy, the question fails the commit as any statement's error would
+            # (and a broken connection is invalidated); it succeeds only if the transaction is still whole.
+            transaction = connection.exec_driver_sql(query).scalar()
+        return transaction
 
-    async def outcome(self, xid: str) -> tuple[Outcome | None, str]:
-        """What the server says became of transaction ``xid``, or None with the reason it could not be learned."""
+    async def outcome(self, xid: str, server_started: str) -> tuple[Outcome | None, str]:
+        """What the server says became of transaction ``xid``, or None with the reason it could not be learned.
+
+        ``server_started``: the start of the server that gave out the id, as read with it; a server that
+        started at another time is not asked."""
         failures: list[str] = []
         try:
             async with asyncio.timeout(self.timeout):
-                return await self._ask(xid, failures)
+                return await self._ask(xid, server_started, failures)
         except TimeoutError:
             last = f": {failures[-1]}" if failures else ""
             return None, f"no answer within {self.timeout:g} s{last}"
         except Exception as exc:  # nothing expected; the outcome stays unknown, which the caller reports
             return None, f"{type(exc).__name__}: {exc}"
 
-    async def _ask(self, xid: str, failures: list[str]) -> tuple[Outcome | None, str]:
+    async def _ask(self, xid: str, server_started: str, failures: list[str]) -> tuple[Outcome | None, str]:
         loop = asyncio.get_running_loop()
         started = loop.time()
         ended_backend = False
         while True:
             try:
                 async with self._engine().connect() as connection:
+                    now_started = (await connection.execute(_READ_STARTED)).scalar()
+                    if now_started != server_started:
+                        return None, SERVER_RESTARTED.format(then=server_started, now=now_started)
                     version = connection.dialect.server_version_info
                     status_query = _STATUS_BEFORE_13 if version is not None and version < (13,) else _STATUS
                     while True:

@@ -238,7 +238,7 @@ class LostCommitNotingSession(HookSession):
             super().commit()
         except (sa_exc.DBAPIError, TimeoutError) as error:
             if _lost_at_commit(error):
-                self._lost_commit = LostCommit(self._commit_outcome, None)
+                self._lost_commit = LostCommit(self._commit_outcome, None, None)
             raise
 
 
@@ -260,15 +260,15 @@ class OutcomeLearningSession(WriteTrackingSession):
             super().commit()  # nothing written since the last commit: no id, no data a lost answer could hide
             return
         self._wrote_since_commit = False
-        xid = reader.transaction_id(self)
-        if xid is None:
+        transaction = reader.transaction(self)
+        if transaction is None:
             super().commit()
             return
         try:
             super().commit()
         except (sa_exc.DBAPIError, TimeoutError) as error:
             if _lost_at_commit(error):
-                self._lost_commit = LostCommit(reader, xid)
+                self._lost_commit = LostCommit.of(reader, transaction)
             raise
 
 
@@ -388,13 +388,13 @@ class GuardedSession(AsyncSession):
 async def _committed_after_all(session: GuardedSession, lost: LostCommit, error: Exception) -> bool:
     """After a COMMIT whose answer was lost: True if the server says it committed, False if it did not;
     CommitOutcomeUnknownError (from ``error``) if that cannot be learned."""
-    xid = lost.transaction_id
-    if xid is None:
+    xid, started = lost.transaction_id, lost.server_started
+    if xid is None or started is None:
         message = COMMIT_OUTCOME_NOT_ASKED
         logger.error(message)
         note_outcome_check("off", None)
         raise CommitOutcomeUnknownError(message, None) from error
-    outcome, reason = await lost.reader.outcome(xid)
+    outcome, reason = await lost.reader.outcome(xid, started)
     note_outcome_check(outcome or "unknown", xid)
     if outcome == "aborted":
         logger.warning(COMMIT_LEARNED_ABORTED.format(xid=xid))

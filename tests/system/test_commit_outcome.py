@@ -455,6 +455,64 @@ async def test_a_connection_that_died_before_commit_is_503_without_asking(
     assert not any("COMMIT of transaction" in record.getMessage() for record in caplog.records)
 
 
+@pytest.mark.parametrize("failure", ["refused", "cancelled by the command timeout"])
+async def test_a_transaction_whose_id_could_not_be_read_is_not_answered_saved(
+    proxied: Proxied, failure: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The read of the id before COMMIT fails with the server's error, or is cancelled by asyncpg's command
+    timeout: either leaves the transaction aborted, and a COMMIT then ends it as ROLLBACK with no error. The
+    request must fail, not answer 201 for a row that is not there. The failure is made by a function of the
+    same name earlier on the transaction's search_path."""
+    schema = f"{TABLE}_shadow"
+    body = "RAISE EXCEPTION 'refused'" if failure == "refused" else "PERFORM pg_sleep(5)"
+    connection = await asyncpg.connect(proxied.dsn)
+    try:
+        await connection.execute(
+            f"CREATE SCHEMA {schema}; CREATE FUNCTION {schema}.pg_current_xact_id_if_assigned() RETURNS xid8 "
+            f"LANGUAGE plpgsql AS $$ BEGIN {body}; RETURN NULL; END $$"
+        )
+    finally:
+        await connection.close()
+    database = proxied.database(command_timeout=0.5)
+    ran: list[int] = []
+
+    async def write(request: Request) -> Response:
+        session = current_session(database.name)
+        await session.execute(text(f"SET LOCAL search_path = {schema}, pg_catalog, public"))
+        session.add(Row(id=1))
+        on_commit(lambda: ran.append(1), database.name)
+        return JSONResponse({"saved": 1}, status_code=201)
+
+    app = Starlette(routes=[Route("/write", write, methods=["POST"])])
+    app.add_middleware(DBSessionMiddleware, database=database, commit_on_success=True)
+    try:
+        async with client(app, raise_app_exceptions=False) as http:
+            response = await http.post("/write")
+    finally:
+        connection = await asyncpg.connect(proxied.dsn)
+        try:
+            await connection.execute(f"DROP SCHEMA {schema} CASCADE")
+        finally:
+            await connection.close()
+
+    assert response.status_code == 500, response.text
+    assert await proxied.ids() == []
+    assert ran == []
+    async with client(writing_app(database, ran)) as http:
+        assert (await http.post("/write", params={"id": 2})).status_code == 201, "the next request works"
+    assert await proxied.ids() == [2]
+
+
+async def server_started(dsn: str) -> str:
+    """The server's start, as the sessions read it with a transaction's id."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        started: str = await connection.fetchval("SELECT extract(epoch FROM pg_postmaster_start_time())::text")
+        return started
+    finally:
+        await connection.close()
+
+
 async def test_the_reader_answers_from_the_server(proxied: Proxied) -> None:
     # Straight to the server: a transaction committed a moment ago, one rolled back, one it has not reached.
     connection = await asyncpg.connect(proxied.dsn)
@@ -469,15 +527,42 @@ async def test_the_reader_answers_from_the_server(proxied: Proxied) -> None:
         await transaction.rollback()
     finally:
         await connection.close()
+    started = await server_started(proxied.dsn)
     reader = CommitOutcomeReader(make_url(PG_URL), {}, check=True, timeout=OUTCOME_TIMEOUT)
     try:
-        assert await reader.outcome(committed) == ("committed", "committed")
-        assert await reader.outcome(aborted) == ("aborted", "aborted")
-        outcome, reason = await reader.outcome(str(int(committed) + 2**40))
+        assert await reader.outcome(committed, started) == ("committed", "committed")
+        assert await reader.outcome(aborted, started) == ("aborted", "aborted")
+        outcome, reason = await reader.outcome(str(int(committed) + 2**40), started)
         assert outcome is None
         assert "in the future" in reason, reason
     finally:
         await reader.close()
+
+
+async def test_the_reader_does_not_ask_a_server_that_started_after_the_transactions_own(proxied: Proxied) -> None:
+    """After a crash or a failover the server hands out again the ids of the transactions that were under way
+    (the failover test met it: ids answered "committed" that were other transactions'). An id read on a server
+    that started at another time is not asked about, even when this server has it committed."""
+    connection = await asyncpg.connect(proxied.dsn)
+    try:
+        async with connection.transaction():
+            await connection.execute(f"INSERT INTO {TABLE} (id) VALUES (1)")
+            committed = await connection.fetchval("SELECT pg_current_xact_id()::text")
+    finally:
+        await connection.close()
+    started = await server_started(proxied.dsn)
+    earlier = f"{float(started) - 60:.6f}"  # the same server, a minute before its restart
+    reader = CommitOutcomeReader(make_url(PG_URL), {}, check=True, timeout=OUTCOME_TIMEOUT)
+    try:
+        outcome, reason = await reader.outcome(committed, earlier)
+    finally:
+        await reader.close()
+    assert outcome is None
+    assert reason == (
+        f"the server asked is not the one that ran the transaction: that one started at {earlier}, this one at "
+        f"{started} (in seconds since 1970; a restart or a failover since), and it may have given the same id to "
+        "another transaction"
+    )
 
 
 async def test_the_reader_asks_again_while_the_server_refuses_then_says_it_does_not_know(
@@ -489,7 +574,7 @@ async def test_the_reader_asks_again_while_the_server_refuses_then_says_it_does_
     url = make_url(PG_URL).set(host="127.0.0.1", port=free_port())
     reader = CommitOutcomeReader(url, {}, check=True, timeout=OUTCOME_TIMEOUT)
     try:
-        outcome, reason = await reader.outcome("123")
+        outcome, reason = await reader.outcome("123", "0")
     finally:
         await reader.close()
     assert outcome is None
