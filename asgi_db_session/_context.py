@@ -175,7 +175,7 @@ class ScopeState:
 
 
 def _has_written(session: AsyncSession | None) -> bool:
-    # Only a WriteTrackingSession (databases with replicas) notes its writes; any other never says so.
+    # Only a write-tracking session (replicas, the outcome check: sync_session_class()) notes its writes.
     return session is not None and getattr(session.sync_session, "_wrote", False)
 
 

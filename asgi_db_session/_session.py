@@ -11,14 +11,15 @@
   commit makes them due, the end of the transaction without one drops them, and the rollback of a savepoint
   drops what was registered inside it. Due hooks run after the commit has returned, outside the commit's
   cancellation shield; each hook carries its own runner (commit_hooks.py), which this module only calls.
-- ``WriteTrackingSession`` (the sync Session of databases with replicas, and the base of
-  ``OutcomeLearningSession``): notes when it has written, so that a request that wrote reads its own write from
-  the primary (see ScopeState.after_write), and a COMMIT reads the transaction's id only after a write.
-- ``OutcomeLearningSession`` (the sync Session of PostgreSQL databases on asyncpg): reads the transaction's id
-  just before COMMIT when it wrote, and notes it when COMMIT fails in a way that leaves its outcome open (a
-  lost connection); ``GuardedSession.commit()`` then learns the outcome (_commit_outcome.py) and answers it:
-  returns if the transaction committed (its on_commit callbacks become due), re-raises the error if it did
-  not, raises CommitOutcomeUnknownError if it could not be learned.
+- ``sync_session_class()``: the sync Session class of one engine, which may add to the hooks
+  - write tracking (databases with replicas, and the outcome check): notes when the session has written, so
+    that a request that wrote reads its own write from the primary (see ScopeState.after_write), and a COMMIT
+    reads the transaction's id only after a write;
+  - outcome learning (PostgreSQL databases on asyncpg): reads the transaction's id just before COMMIT when it
+    wrote, and notes it when COMMIT fails in a way that leaves its outcome open (a lost connection);
+    ``GuardedSession.commit()`` then learns the outcome (_commit_outcome.py) and answers it: returns if the
+    transaction committed (its on_commit callbacks become due), re-raises the error if it did not, raises
+    CommitOutcomeUnknownError if it could not be learned; with the check off, only notes such a COMMIT.
 - ``bound_statements()``: a session whose transactions each start with ``SET LOCAL statement_timeout``
   (``session_policy(statement_timeout=...)``, ``session_scope(statement_timeout=...)``).
 - ``finish()`` and ``commit()``: a scope's commit and close, run through ``_shield.shielded`` so that a
@@ -82,6 +83,8 @@ class HookSession(Session):
     reading it at every transaction's end would make one dict per request that registers no hook.
     """
 
+    # What on_commit() looks for: sync_session_class() copies the hooks into classes that do not derive from this.
+    _holds_hooks: ClassVar[bool] = True
     # Hooks waiting for the transaction to end, and hooks whose commit happened.
     _hooks_waiting: list[Hook] | None = None
     _hooks_due: list[Hook] | None = None
@@ -92,7 +95,11 @@ class HookSession(Session):
         self._hooks_waiting = [*(self._hooks_waiting or ()), hook]
 
 
-@event.listens_for(HookSession, "after_commit")
+def holds_hooks(sync_class: type) -> bool:
+    """Whether sessions of ``sync_class`` keep on_commit() callbacks (HookSession, and sync_session_class()'s)."""
+    return getattr(sync_class, "_holds_hooks", False) is True
+
+
 def _commit_made_hooks_due(session: HookSession) -> None:
     waiting = session._hooks_waiting
     # SQLAlchemy sends after_commit for a savepoint's release too (it is then still the session's current
@@ -102,7 +109,6 @@ def _commit_made_hooks_due(session: HookSession) -> None:
         session._hooks_due = [*(session._hooks_due or ()), *waiting]
 
 
-@event.listens_for(HookSession, "after_soft_rollback")
 def _savepoint_rollback_dropped_hooks(session: HookSession, previous_transaction: SessionTransaction) -> None:
     waiting = session._hooks_waiting
     if not waiting or not previous_transaction.nested:
@@ -119,12 +125,20 @@ def _savepoint_rollback_dropped_hooks(session: HookSession, previous_transaction
     waiting[:] = [hook for hook in waiting if not inside_rolled_back(hook)]
 
 
-@event.listens_for(HookSession, "after_transaction_end")
 def _uncommitted_end_dropped_hooks(session: HookSession, transaction: SessionTransaction) -> None:
     # A commit has moved its hooks on (after_commit comes first): what still waits when the outermost
     # transaction ends was rolled back, or closed without a commit.
     if session._hooks_waiting is not None and transaction.parent is None and not transaction.nested:
         session._hooks_waiting = None
+
+
+def _listen_for_hooks(sync_class: type[Session]) -> None:
+    event.listen(sync_class, "after_commit", _commit_made_hooks_due)
+    event.listen(sync_class, "after_soft_rollback", _savepoint_rollback_dropped_hooks)
+    event.listen(sync_class, "after_transaction_end", _uncommitted_end_dropped_hooks)
+
+
+_listen_for_hooks(HookSession)
 
 
 def has_due_hooks(session: AsyncSession) -> bool:
@@ -140,39 +154,25 @@ async def run_due_hooks(session: AsyncSession) -> None:
         await hook.run()
 
 
-class WriteTrackingSession(HookSession):
-    """Sets ``_wrote`` on a flush that sent changes, and on any statement that is not a plain SELECT.
+def _noting_writes(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` (Session.execute(), scalar() or scalars()), first noting a statement that may write: ``_wrote``
+    stays set for the session's life (a later read must see the primary), ``_wrote_since_commit`` until the
+    outcome learning's commit.
 
-    ``_wrote`` stays set for the session's life (a later read must see the primary); ``_wrote_since_commit``
-    is cleared by OutcomeLearningSession's commit.
-
-    The statements are seen by overriding ``execute()``, ``scalar()`` and ``scalars()`` (the async session's
-    calls all end in one of them), not by a ``do_orm_execute`` listener: any such listener makes SQLAlchemy
-    prepare every ORM statement twice, which cost a read more than the rest of the session's bookkeeping.
+    The statements are seen there (the async session's calls all end in one of the three), not by a
+    ``do_orm_execute`` listener: any such listener makes SQLAlchemy prepare every ORM statement twice, which
+    cost a read more than the rest of the session's bookkeeping.
     """
 
-    _wrote = False
-    _wrote_since_commit = False
-
-    def _note(self, statement: Any) -> None:
+    def noting(self: Any, statement: Any, *args: Any, **kwargs: Any) -> Any:
         if not self._wrote_since_commit and _writes(statement):
             self._wrote = self._wrote_since_commit = True
+        return method(self, statement, *args, **kwargs)
 
-    def execute(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
-        self._note(statement)
-        return super().execute(statement, *args, **kwargs)
-
-    def scalar(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
-        self._note(statement)
-        return super().scalar(statement, *args, **kwargs)
-
-    def scalars(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
-        self._note(statement)
-        return super().scalars(statement, *args, **kwargs)
+    return noting
 
 
-@event.listens_for(WriteTrackingSession, "after_flush")
-def _flushed(session: WriteTrackingSession, flush_context: Any) -> None:
+def _flushed(session: Any, flush_context: Any) -> None:
     session._wrote = session._wrote_since_commit = True
 
 
@@ -222,54 +222,86 @@ def _lost_at_commit(error: sa_exc.DBAPIError | TimeoutError) -> bool:
     return error.statement is None and answer_may_be_lost(error)
 
 
-class LostCommitNotingSession(HookSession):
-    """The sync Session of PostgreSQL databases on asyncpg with DATABASE_COMMIT_OUTCOME_CHECK off: notes a COMMIT
-    whose answer was lost, which GuardedSession.commit() then reports as of unknown outcome.
+def _noting_lost_commits(commit: Callable[[Any], None], reader: CommitOutcomeReader) -> Callable[[Any], None]:
+    """``commit`` (Session.commit()), noting a COMMIT whose answer was lost, with the check off: GuardedSession's
+    commit() then reports it as of unknown outcome. It needs no write tracking (that costs at every statement):
+    any lost COMMIT answer is unknown then, even a read-only transaction's."""
 
-    It tracks no writes (that costs at every statement): any lost COMMIT answer is unknown, even a read-only
-    transaction's.
-    """
-
-    _commit_outcome: ClassVar[CommitOutcomeReader]
-    _lost_commit: LostCommit | None = None
-
-    def commit(self) -> None:
+    def noting(self: Any) -> None:
         try:
-            super().commit()
+            commit(self)
         except (sa_exc.DBAPIError, TimeoutError) as error:
             if _lost_at_commit(error):
-                self._lost_commit = LostCommit(self._commit_outcome, None, None)
+                self._lost_commit = LostCommit(reader, None, None)
             raise
 
+    return noting
 
-class OutcomeLearningSession(WriteTrackingSession):
-    """A WriteTrackingSession whose commit() notes what is needed to learn the outcome of a lost COMMIT.
 
-    Database makes a subclass per engine, with ``_commit_outcome`` set to that engine's reader.
-    """
+def _learning_outcomes(commit: Callable[[Any], None], reader: CommitOutcomeReader) -> Callable[[Any], None]:
+    """``commit`` (Session.commit()), reading the transaction's id (and its server's start) before COMMIT when
+    it wrote, and noting it when COMMIT fails leaving the outcome open; GuardedSession's commit() learns it."""
 
-    _commit_outcome: ClassVar[CommitOutcomeReader]
-    # Set by a COMMIT that failed leaving its outcome open; taken by GuardedSession.commit().
-    _lost_commit: LostCommit | None = None
-
-    def commit(self) -> None:
-        reader = self._commit_outcome
+    def learning(self: Any) -> None:
         # What commit() flushes first, flushed here: the transaction's id exists once it has written.
         self.flush()
         if not self._wrote_since_commit:
-            super().commit()  # nothing written since the last commit: no id, no data a lost answer could hide
+            commit(self)  # nothing written since the last commit: no id, no data a lost answer could hide
             return
         self._wrote_since_commit = False
         transaction = reader.transaction(self)
         if transaction is None:
-            super().commit()
+            commit(self)
             return
         try:
-            super().commit()
+            commit(self)
         except (sa_exc.DBAPIError, TimeoutError) as error:
             if _lost_at_commit(error):
                 self._lost_commit = LostCommit.of(reader, transaction)
             raise
+
+    return learning
+
+
+def sync_session_class(
+    base: type[Session], *, tracking: bool, reader: CommitOutcomeReader | None = None
+) -> type[Session]:
+    """``base`` (HookSession, or an app's own sync session class), noting its writes (``tracking``), and
+    learning (or, with the check off, noting) the outcome of a lost COMMIT through ``reader``: one class per
+    engine, one level over ``base``, or over Session when ``base`` is HookSession, whose hooks it then holds.
+
+    One level, not a mixin per feature: every attribute lookup that misses CPython's type attribute cache
+    searches each class of the MRO, and SQLAlchemy's Session looks up many at every statement
+    (benchmarks/README.md, "One sync session class").
+    """
+    namespace: dict[str, Any] = {"__module__": __name__}
+    name = "Session" if base is HookSession else base.__name__
+    hooks_here = base is HookSession
+    if hooks_here:
+        namespace.update({key: value for key, value in vars(HookSession).items() if not key.startswith("__")})
+        base = Session
+    # The outcome learning reads the id only after a write: it needs the tracking.
+    tracking = (tracking or (reader is not None and reader.check)) and not getattr(base, "_tracks_writes", False)
+    if tracking:
+        namespace["_tracks_writes"] = True
+        namespace["_wrote"] = namespace["_wrote_since_commit"] = False
+        for method in ("execute", "scalar", "scalars"):
+            namespace[method] = _noting_writes(getattr(base, method))
+        name = f"WriteTracking{name}"
+    if reader is not None:
+        namespace["_lost_commit"] = None
+        if reader.check:
+            namespace["commit"] = _learning_outcomes(base.commit, reader)
+            name = f"OutcomeLearning{name}"
+        else:
+            namespace["commit"] = _noting_lost_commits(base.commit, reader)
+            name = f"LostCommitNoting{name}"
+    made = cast("type[Session]", type(name, (base,), namespace))
+    if hooks_here:
+        _listen_for_hooks(made)
+    if tracking:
+        event.listen(made, "after_flush", _flushed)
+    return made
 
 
 # How long close() waits for another task's operation on the session before giving up with an error.
@@ -356,7 +388,7 @@ class GuardedSession(AsyncSession):
             lost: LostCommit | None = getattr(sync_session, "_lost_commit", None)
             if lost is None:
                 raise
-            cast(LostCommitNotingSession, sync_session)._lost_commit = None
+            sync_session._lost_commit = None  # type: ignore[attr-defined]  # a class of sync_session_class()
             if not await _committed_after_all(self, lost, error):
                 raise
         if has_due_hooks(self) and not hooks_deferred.get():

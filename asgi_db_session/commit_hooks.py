@@ -12,10 +12,10 @@ import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ._context import ScopeState, opened, scope_var
-from ._session import HookSession
+from ._session import HookSession, holds_hooks
 from .exceptions import NO_SCOPE, ON_COMMIT_NEEDS_GUARDED_SESSION, NoSessionError
 
 if TYPE_CHECKING:
@@ -43,14 +43,15 @@ def on_commit(callback: CommitCallback, name: str = "default") -> None:
         raise NoSessionError(NO_SCOPE.format(name=name))
     session = state.session if state.session is not None else state.open()
     sync_session = session.sync_session
-    # A HookSession is always under a GuardedSession, which runs the callbacks: Database refuses other pairs.
-    if not isinstance(sync_session, HookSession):
+    # A session holding hooks (HookSession, a class of sync_session_class()) is always under a GuardedSession,
+    # which runs the callbacks: Database refuses other pairs.
+    if not holds_hooks(type(sync_session)):
         raise TypeError(
             ON_COMMIT_NEEDS_GUARDED_SESSION.format(
                 name=name, session_class=type(session).__name__, sync_class=type(sync_session).__name__
             )
         )
-    sync_session._hold_until_commit(functools.partial(_run, state.database, callback))
+    cast(HookSession, sync_session)._hold_until_commit(functools.partial(_run, state.database, callback))
 
 
 async def _run(database: Database, callback: CommitCallback) -> None:

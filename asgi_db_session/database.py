@@ -25,11 +25,9 @@ from ._pool_metrics import metrics_provider, record_pool_metrics
 from ._read_only_server import discard_read_only_servers
 from ._session import (
     GuardedSession,
-    HookSession,
-    LostCommitNotingSession,
-    OutcomeLearningSession,
-    WriteTrackingSession,
     bound_statements,
+    holds_hooks,
+    sync_session_class,
 )
 from ._urls import redact_url
 from .exceptions import (
@@ -103,7 +101,7 @@ def _refuse_lost_hooks(session_options: Mapping[str, Any]) -> None:
     if (
         isinstance(session_class, type)
         and isinstance(sync_class, type)
-        and issubclass(sync_class, HookSession)
+        and holds_hooks(sync_class)
         and not issubclass(session_class, GuardedSession)
     ):
         raise TypeError(
@@ -113,24 +111,8 @@ def _refuse_lost_hooks(session_options: Mapping[str, Any]) -> None:
 
 @functools.cache
 def _tracking_writes(sync_class: type[Session]) -> type[Session]:
-    """``sync_class``, noting its writes: an app's own sync session class is kept, WriteTrackingSession mixed in."""
-    if issubclass(sync_class, WriteTrackingSession):
-        return sync_class
-    if sync_class is HookSession:
-        return WriteTrackingSession
-    return type(f"WriteTracking{sync_class.__name__}", (WriteTrackingSession, sync_class), {})
-
-
-def _learning_outcomes(sync_class: type[Session], reader: CommitOutcomeReader, *, tracking: bool) -> type[Session]:
-    """``sync_class``, learning (or, with the check off, noting) the outcome of a lost COMMIT through ``reader``;
-    one class per engine's reader. ``tracking``: it notes its writes (databases with replicas), as the learning
-    one always does."""
-    learning: type[Session] = OutcomeLearningSession if reader.check else LostCommitNotingSession
-    if not reader.check and tracking:
-        given: Any = sync_class  # functools.cache wants it hashable, which mypy cannot see of a Session class
-        sync_class = _tracking_writes(given)
-    bases = (learning,) if issubclass(learning, sync_class) else (learning, sync_class)
-    return type(f"{learning.__name__.removesuffix('Session')}{sync_class.__name__}", bases, {"_commit_outcome": reader})
+    """``sync_class``, noting its writes (databases with replicas): one class for every engine."""
+    return sync_session_class(sync_class, tracking=True)
 
 
 # What a Database given an engine (no settings) does about the outcome of a lost COMMIT: the settings' defaults.
@@ -484,8 +466,8 @@ class Database:
             sync_class = options.get("sync_session_class") or session_class.sync_session_class
             if commit_outcome is not None:
                 # Notes writes as well: a transaction that wrote has an id to read before its COMMIT.
-                options["sync_session_class"] = _learning_outcomes(
-                    sync_class, commit_outcome, tracking=bool(self._replica_settings)
+                options["sync_session_class"] = sync_session_class(
+                    sync_class, tracking=bool(self._replica_settings), reader=commit_outcome
                 )
             elif self._replica_settings:
                 # Tells the request which of its reads must stay on the primary; only with replicas, as it costs.
