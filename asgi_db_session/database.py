@@ -465,7 +465,7 @@ class Database:
         if isinstance(session_class, type) and issubclass(session_class, GuardedSession):
             sync_class = options.get("sync_session_class") or session_class.sync_session_class
             if commit_outcome is not None:
-                # Notes writes as well: a transaction that wrote has an id to read before its COMMIT.
+                # With the check on it notes writes as well: a transaction that wrote has an id to read before COMMIT.
                 options["sync_session_class"] = sync_session_class(
                     sync_class, tracking=bool(self._replica_settings), reader=commit_outcome
                 )
