@@ -456,9 +456,7 @@ async def test_a_connection_that_died_before_commit_is_503_without_asking(
 
 
 @pytest.mark.parametrize("failure", ["refused", "cancelled by the command timeout"])
-async def test_a_transaction_whose_id_could_not_be_read_is_not_answered_saved(
-    proxied: Proxied, failure: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_a_transaction_whose_id_could_not_be_read_is_not_answered_saved(proxied: Proxied, failure: str) -> None:
     """The read of the id before COMMIT fails with the server's error, or is cancelled by asyncpg's command
     timeout: either leaves the transaction aborted, and a COMMIT then ends it as ROLLBACK with no error. The
     request must fail, not answer 201 for a row that is not there. The failure is made by a function of the

@@ -357,10 +357,15 @@ class Load:
         assert answered, "no write succeeded at all"
         assert sorted(answered - stored) == [], "answered 2xx, but not in the table"
 
-    def assert_caught_mid_transaction_got_503(self) -> None:
-        """A request whose transaction was open when its connection died got a 503, never a 2xx or a 500."""
+    def caught_mid_transaction(self) -> list[Outcome]:
+        """The requests whose transaction was open when their connection died; there must be some."""
         caught = [outcome for outcome in self.outcomes.values() if outcome.began and outcome.status != 201]
         assert caught, "the fault caught no request mid-transaction: the test proves nothing"
+        return caught
+
+    def assert_caught_mid_transaction_got_503(self) -> None:
+        """A request whose transaction was open when its connection died got a 503, never a 2xx or a 500."""
+        caught = self.caught_mid_transaction()
         assert self.statuses(caught) == {503: len(caught)}, self.statuses(caught)
         assert {outcome.retry_after for outcome in caught} == {"1"}
 
@@ -368,8 +373,7 @@ class Load:
         """After a restart: a request whose transaction was open when its connection died got a 503 (nothing saved,
         which the table confirms), or, when its COMMIT was on its way, the 500 "not known": the restarted server
         is not asked what became of it (docs/explanation/commit-outcome.md). Never a 2xx, nor another 500."""
-        caught = [outcome for outcome in self.outcomes.values() if outcome.began and outcome.status != 201]
-        assert caught, "the fault caught no request mid-transaction: the test proves nothing"
+        caught = self.caught_mid_transaction()
         refused = [outcome for outcome in caught if outcome.status == 503]
         unknown = [outcome for outcome in caught if outcome.status == 500]
         assert len(refused) + len(unknown) == len(caught), self.statuses(caught)
