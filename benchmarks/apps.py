@@ -251,6 +251,60 @@ def build_floor_safe_close(settings: EngineSettings) -> ASGIApp:
     return app
 
 
+# ---- the same floor, its sessions guarded against two tasks ------------------------------------------------
+
+
+class TwoTasksError(RuntimeError):
+    """A task used a floor-guarded session while another task's operation on it was running."""
+
+
+def _one_task_at_a_time(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """``method`` of AsyncSession, refused (before it touches the session) to a task other than the one whose
+    operation is running; the same task may go one level down (scalars() runs execute())."""
+    name = method.__name__
+
+    async def guarded(self: PlainGuardedSession, *args: Any, **kwargs: Any) -> Any:
+        task = asyncio.current_task()
+        running = self.running_task
+        if running is not None and running is not task:
+            raise TwoTasksError(f"{name}() while another task's operation runs on this session")
+        self.running_task = task
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            self.running_task = running
+
+    return guarded
+
+
+class PlainGuardedSession(AsyncSession):
+    """AsyncSession whose operations refuse a second task while one runs, written the plain way (a wrapper per
+    method, the running task in an attribute): the least that asgi_db_session's guard does, without its close
+    that waits for the other task's operation."""
+
+    running_task: asyncio.Task[Any] | None = None
+
+
+for _method in ("execute", "scalar", "scalars", "get", "stream", "stream_scalars", "flush", "commit", "rollback"):
+    setattr(PlainGuardedSession, _method, _one_task_at_a_time(getattr(AsyncSession, _method)))
+
+
+def build_floor_guarded(settings: EngineSettings) -> ASGIApp:
+    engine = settings.create_engine()
+
+    def get_session(request: Request) -> AsyncSession:
+        return _late_close_var.get().get()
+
+    app = Starlette(routes=_middleware_routes(get_session, commit=True), lifespan=_disposing(engine))
+    seconds = float(os.environ.get("BENCH_CLEANUP_TIMEOUT", SAFE_CLOSE_SECONDS))
+    close = functools.partial(_shielded_close, seconds=seconds)
+    # floor-safe-close, its sessions of the class above: what a guard against two tasks on one session costs at
+    # every statement, over the contract's close.
+    factory = async_sessionmaker(engine, class_=PlainGuardedSession, **SESSION_OPTIONS)
+    app.add_middleware(_LateClose, factory=factory, close=close)
+    return app
+
+
 # ---- (2) hand-written: every endpoint opens and closes its own session (the lower bound) ---------------
 
 
@@ -512,8 +566,9 @@ FLOOR_CONTEXTVAR = "floor-contextvar"
 FLOOR_SEND = "floor-send"
 FLOOR_LATE_CLOSE = "floor-late-close"
 FLOOR_SAFE_CLOSE = "floor-safe-close"
+FLOOR_GUARDED = "floor-guarded"
 _OUR_MODULES = ("asgi_db_session",)
-FLOORS = (FLOOR_PASSTHROUGH, FLOOR_CONTEXTVAR, FLOOR_SEND, FLOOR_LATE_CLOSE, FLOOR_SAFE_CLOSE)
+FLOORS = (FLOOR_PASSTHROUGH, FLOOR_CONTEXTVAR, FLOOR_SEND, FLOOR_LATE_CLOSE, FLOOR_SAFE_CLOSE, FLOOR_GUARDED)
 
 APPS: dict[str, AppSpec] = {
     spec.key: spec
@@ -544,6 +599,11 @@ APPS: dict[str, AppSpec] = {
             FLOOR_SAFE_CLOSE,
             "the same, its close shielded from cancellation (asyncio.shield, a task) and bounded (asyncio.timeout)",
             build_floor_safe_close,
+        ),
+        AppSpec(
+            FLOOR_GUARDED,
+            "the same, its sessions refusing a second task while one task's operation runs (a wrapper per method)",
+            build_floor_guarded,
         ),
         AppSpec(
             "fastapi-depends",

@@ -1,20 +1,32 @@
-"""benchmarks/apps.py's floor-safe-close: the least a close that the contract allows does, and it does all of it.
+"""benchmarks/apps.py's floor-safe-close: the least a close that the contract allows does, and it does all of it;
+floor-guarded: the same with a guard against two tasks on one session, which it must then really have.
 
 Its figures are a floor only if its close is as safe as the contract asks (to its end under cancellations, within
 a bound, a connection that cannot be cleaned up thrown away): checked here against PostgreSQL, as the package's
-own close is in test_cancellation.py.
+own close is in test_cancellation.py; and floor-guarded's guard refuses a second task as the package's does
+(test_guarded_session.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from asgi_db_session.settings import DEFAULT_CLEANUP_TIMEOUT
-from benchmarks.apps import APPS, FLOOR_LATE_CLOSE, FLOOR_SAFE_CLOSE, SAFE_CLOSE_SECONDS, _shielded_close
+from benchmarks.apps import (
+    APPS,
+    FLOOR_GUARDED,
+    FLOOR_LATE_CLOSE,
+    FLOOR_SAFE_CLOSE,
+    SAFE_CLOSE_SECONDS,
+    PlainGuardedSession,
+    TwoTasksError,
+    _shielded_close,
+)
 from benchmarks.common import EngineSettings, prepare_table
 from benchmarks.driver import Lifespan, run_batch
 
@@ -72,7 +84,7 @@ async def test_a_close_past_its_bound_throws_the_connection_away() -> None:
         await engine.dispose()
 
 
-@pytest.mark.parametrize("key", [FLOOR_LATE_CLOSE, FLOOR_SAFE_CLOSE])
+@pytest.mark.parametrize("key", [FLOOR_LATE_CLOSE, FLOOR_SAFE_CLOSE, FLOOR_GUARDED])
 @pytest.mark.parametrize("route", ["/read", "/stream"])
 async def test_the_floors_serve_the_querying_routes(key: str, route: str) -> None:
     """Each response checked by the driver, eight at a time on a pool of four: the sessions are closed."""
@@ -85,3 +97,25 @@ async def test_the_floors_serve_the_querying_routes(key: str, route: str) -> Non
     finally:
         await lifespan.shutdown()
     assert (batch.errors, batch.first_error) == (0, None)
+
+
+async def test_the_guarded_floor_refuses_a_second_task_while_one_runs_and_not_after() -> None:
+    engine = create_async_engine(PG_URL, pool_size=1, max_overflow=0)
+    try:
+        async with PlainGuardedSession(engine) as session:
+            slow = asyncio.create_task(session.scalar(text("SELECT pg_sleep(0.3)::text || 'slept'")))
+            await asyncio.sleep(0)  # its first step: into the guard and on to the server
+            assert running(session) is slow
+            with pytest.raises(TwoTasksError, match=r"^scalar\(\) while another task's operation runs"):
+                await asyncio.create_task(session.scalar(text("SELECT 'second'")))
+            assert await slow == "slept"
+            assert running(session) is None
+            # Once it is done, another task's operation runs; scalars() runs execute() one level down.
+            assert await asyncio.create_task(session.scalar(text("SELECT 'third'"))) == "third"
+            assert list(await session.scalars(text("SELECT 'fourth'"))) == ["fourth"]
+    finally:
+        await engine.dispose()
+
+
+def running(session: PlainGuardedSession) -> asyncio.Task[Any] | None:
+    return session.running_task
