@@ -234,7 +234,7 @@ async def _shielded_close(session: AsyncSession, seconds: float) -> None:
         raise cancelled
 
 
-def build_floor_safe_close(settings: EngineSettings) -> ASGIApp:
+def build_floor_safe_close(settings: EngineSettings, session_class: type[AsyncSession] = AsyncSession) -> ASGIApp:
     engine = settings.create_engine()
 
     def get_session(request: Request) -> AsyncSession:
@@ -245,9 +245,10 @@ def build_floor_safe_close(settings: EngineSettings) -> ASGIApp:
     seconds = float(os.environ.get("BENCH_CLEANUP_TIMEOUT", SAFE_CLOSE_SECONDS))
     close = functools.partial(_shielded_close, seconds=seconds)  # no frame of its own per request
     # _LateClose with the close that the contract asks of every close, written the plain way: it runs to its end
-    # even when the request is cancelled and within a bound. Nothing more: no guard against two tasks, no commit
-    # policy, no on_commit, no outcome check, no route policy.
-    app.add_middleware(_LateClose, factory=session_factory(engine), close=close)
+    # even when the request is cancelled and within a bound. Nothing more: no guard against two tasks (unless
+    # session_class has one: floor-guarded), no commit policy, no on_commit, no outcome check, no route policy.
+    factory = async_sessionmaker(engine, class_=session_class, **SESSION_OPTIONS)
+    app.add_middleware(_LateClose, factory=factory, close=close)
     return app
 
 
@@ -290,19 +291,9 @@ for _method in ("execute", "scalar", "scalars", "get", "stream", "stream_scalars
 
 
 def build_floor_guarded(settings: EngineSettings) -> ASGIApp:
-    engine = settings.create_engine()
-
-    def get_session(request: Request) -> AsyncSession:
-        return _late_close_var.get().get()
-
-    app = Starlette(routes=_middleware_routes(get_session, commit=True), lifespan=_disposing(engine))
-    seconds = float(os.environ.get("BENCH_CLEANUP_TIMEOUT", SAFE_CLOSE_SECONDS))
-    close = functools.partial(_shielded_close, seconds=seconds)
-    # floor-safe-close, its sessions of the class above: what a guard against two tasks on one session costs at
-    # every statement, over the contract's close.
-    factory = async_sessionmaker(engine, class_=PlainGuardedSession, **SESSION_OPTIONS)
-    app.add_middleware(_LateClose, factory=factory, close=close)
-    return app
+    """floor-safe-close, its sessions of the class above: what a guard against two tasks on one session costs at
+    every statement, over the contract's close."""
+    return build_floor_safe_close(settings, PlainGuardedSession)
 
 
 # ---- (2) hand-written: every endpoint opens and closes its own session (the lower bound) ---------------

@@ -119,3 +119,12 @@ async def test_the_guarded_floor_refuses_a_second_task_while_one_runs_and_not_af
 
 def running(session: PlainGuardedSession) -> asyncio.Task[Any] | None:
     return session.running_task
+
+
+@pytest.mark.parametrize(
+    ("key", "session_class"), [(FLOOR_SAFE_CLOSE, AsyncSession), (FLOOR_GUARDED, PlainGuardedSession)]
+)
+def test_each_safe_floor_makes_sessions_of_its_class(key: str, session_class: type[AsyncSession]) -> None:
+    app = APPS[key].build(EngineSettings(url=PG_URL))
+    [middleware] = app.user_middleware  # type: ignore[attr-defined]
+    assert middleware.kwargs["factory"].class_ is session_class
