@@ -13,7 +13,6 @@ import gc
 import logging
 import os
 import tempfile
-import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from types import ModuleType
 from typing import Any, cast
@@ -29,9 +28,10 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.urls import clear_url_caches, path
 from fastapi import FastAPI
+from litestar import Litestar, post
+from litestar import Request as LitestarRequest
 from quart import Quart
 from sqlalchemy import text
-from sqlalchemy.exc import SADeprecationWarning
 from starlette.applications import Starlette
 from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
@@ -54,13 +54,6 @@ from .asgi import Channel, websocket_scope
 from .conftest import client
 from .test_frameworks import DJANGO_BODY_FILE
 from .test_retry import FAST_DEADLOCK_CHECK, ROWS, WAIT, assert_winner_once_victim_replayed, fetch, tables
-
-with warnings.catch_warnings():
-    # As in test_route_policy_frameworks: advanced-alchemy's mixins (imported by Litestar where installed) use
-    # a decorator that SQLAlchemy 2.1 deprecates.
-    warnings.simplefilter("ignore", SADeprecationWarning)
-    from litestar import Litestar, post
-    from litestar import Request as LitestarRequest
 
 pytestmark = pytest.mark.anyio
 

@@ -9,7 +9,6 @@ under a middleware that does not commit. The framework-agnostic checks are in ``
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any, cast
@@ -25,10 +24,13 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.urls import clear_url_caches, path
 from django.views.decorators.csrf import csrf_exempt
+from litestar import Litestar, get, post
+from litestar import Request as LitestarRequest
+from litestar.di import NamedDependency, Provide
 from quart import Quart, request, websocket
 from rodi import Container
 from sqlalchemy import select, text
-from sqlalchemy.exc import DBAPIError, SADeprecationWarning
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.applications import Starlette
 from starlette.requests import Request as StarletteRequest
@@ -48,14 +50,6 @@ from asgi_db_session._types import AnyASGIApp, ASGIApp, Receive, Scope, Send
 
 from .conftest import Backend, client
 from .models import TABLE, Item
-
-with warnings.catch_warnings():
-    # Litestar imports advanced-alchemy where it is installed (the bench extra), whose mixins use a decorator
-    # that SQLAlchemy 2.1 deprecates: their warning, not ours.
-    warnings.simplefilter("ignore", SADeprecationWarning)
-    from litestar import Litestar, get, post
-    from litestar import Request as LitestarRequest
-    from litestar.di import NamedDependency, Provide
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("backend", ["postgresql"], indirect=True)]
 

@@ -12,15 +12,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
+from litestar import Litestar, get
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, SADeprecationWarning
+from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -44,11 +44,6 @@ from asgi_db_session.fastapi import SessionDep
 
 from .conftest import Backend, client
 from .models import TABLE
-
-with warnings.catch_warnings():
-    # As in test_route_policy_frameworks.py: advanced-alchemy's deprecation warning, imported by Litestar.
-    warnings.simplefilter("ignore", SADeprecationWarning)
-    from litestar import Litestar, get
 
 pytestmark = pytest.mark.anyio
 
