@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ._context import ScopeState, scope_var
 from ._lazy_loads import log_lazy_load
@@ -52,6 +52,9 @@ _NORMAL_CLOSE_CODES = frozenset({1000, 1001, 1005})
 _SHUTDOWN_TYPES = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 
 _logger = logging.getLogger("asgi_db_session")
+_new_state = object.__new__
+# Typed as what a request's session may become, so that mypy does not take every later read to be None.
+_NO_SESSION: AsyncSession | None = None
 _LIFESPAN_REFUSED = (
     "The app %s refused the lifespan scope (%s: %s); DBSessionMiddleware answers lifespan for it: the database is "
     "checked at startup (when asked) and disposed at shutdown."
@@ -99,6 +102,10 @@ class _RequestState(ScopeState):
     # The response that replaced the app's after a failed commit, when the mapping had one for its error:
     # then the failure is an expected outcome (logged as a warning), not a crash (raised to the server).
     failure_response: ErrorResponse | None = None
+    # Class attributes of the subclass each middleware makes (_state_class), with its database and policy: a
+    # request's state is then made without calling __init__, and holds only what differs from one request to the
+    # next (benchmarks/README.md, "Where /nodb's instructions go").
+    middleware: DBSessionMiddleware
 
 
 def _rollback_reason(state: _RequestState) -> str:
@@ -121,6 +128,55 @@ def _watching_disconnects(receive: Receive, state: _RequestState) -> Receive:
         return message
 
     return receive_wrapper
+
+
+async def _committing_send(state: _RequestState, send: Send, message: Message) -> None:
+    """The send of a message that may need a commit first, or that changes the outcome (WebSockets)."""
+    if state.failure is not None:
+        return  # our error response replaced the app's; drop the rest of it
+    middleware = state.middleware
+    message_type = message["type"]
+    session = state.session
+    if message_type in _START_TYPES:
+        if message["status"] >= 400:
+            state.keep = False
+        elif session is not None and state.commit_on_success and session.in_transaction():
+            try:
+                await commit(session, middleware._spans, "before_response")
+            except Exception as exc:
+                state.keep = False
+                response = state.failure_response = middleware.error_response(exc)
+                response = response or INTERNAL_SERVER_ERROR
+                _note_answered(exc, state.route_policy)
+                text = COMMIT_FAILED_UNKNOWN if isinstance(exc, CommitOutcomeUnknownError) else COMMIT_FAILED
+                failure = state.failure = CommitFailedError(
+                    text.format(name=middleware.database.name, status=response.status, app_status=message["status"])
+                )
+                for error_message in response.messages():
+                    await send(error_message)
+                raise failure from exc
+        state.started = True
+    elif message_type in _FINAL_BODY_TYPES:
+        # Work done while streaming is committed before the last chunk, so that a failure still reaches
+        # the client as a broken response instead of a complete one.
+        if not message.get("more_body", False):
+            if state.keep and session is not None and state.commit_on_success and session.in_transaction():
+                try:
+                    await commit(session, middleware._spans, "before_last_body")
+                except Exception as exc:
+                    state.keep = False
+                    unknown = isinstance(exc, CommitOutcomeUnknownError)
+                    late = COMMIT_FAILED_LATE_UNKNOWN if unknown else COMMIT_FAILED_LATE
+                    failure = state.failure = CommitFailedError(late.format(name=middleware.database.name))
+                    raise failure from exc
+            state.complete = True
+    elif message_type == "websocket.accept":
+        state.started = state.complete = True
+    elif message_type == "websocket.close" and (
+        not state.started or message.get("code", 1000) not in _NORMAL_CLOSE_CODES
+    ):
+        state.keep = False
+    await send(message)
 
 
 class DBSessionMiddleware:
@@ -233,6 +289,11 @@ class DBSessionMiddleware:
         self._stats_var = _stats_var(database.name)
         self._tracer_provider = tracer_provider
         self._spans = request_spans(tracer_provider, database.name)
+        self._state_class: type[_RequestState] = type(
+            "_RequestState",
+            (_RequestState,),
+            {"database": database, "commit_on_success": self.commit_on_success, "middleware": self},
+        )
 
     def _look_for_tracing(self) -> None:
         """Take the global TracerProvider if the app has set one since the middleware was built (in its lifespan
@@ -264,7 +325,11 @@ class DBSessionMiddleware:
             if self.server_timing:
                 send = _with_server_timing(send, stats, self.database.name)
         # The policy may change when the session is created: the endpoint's session_policy() is read then.
-        state = _RequestState(self.database, self.commit_on_success, None, scope)
+        state = _new_state(self._state_class)
+        # The attributes read on every request are the instance's own: CPython reads a class attribute through an
+        # instance more slowly.
+        state.session = _NO_SESSION
+        state.asgi_scope = scope
         token = self._var.set(state)
 
         # A plain function that returns send's awaitable: a valid ASGI send without a coroutine of its own on
@@ -286,11 +351,11 @@ class DBSessionMiddleware:
                 elif not message.get("more_body", False) and message_type in _FINAL_BODY_TYPES:
                     state.complete = True
                 return send(message)
-            return self._committing_send(state, send, message)
+            return _committing_send(state, send, message)
 
         if scope_type == "websocket":
             receive = _watching_disconnects(receive, state)
-            app_send: Send = functools.partial(self._committing_send, state, send)
+            app_send: Send = functools.partial(_committing_send, state, send)
         else:
             app_send = send_wrapper
         try:
@@ -336,59 +401,12 @@ class DBSessionMiddleware:
                 self._stats_var.reset(stats_token)
                 if self.warn_over_queries is not None:
                     _warn_if_over(scope, self.database.name, stats, self.warn_over_queries)
-        failure = state.failure
-        if failure is not None:
+        # Only a request with a session can have a failed commit.
+        if session is not None and (failure := state.failure) is not None:
             if state.failure_response is None:
                 # The app caught the error we raised into it; the server must still hear of it.
                 raise failure
             _log_answered(scope, failure.__cause__ or failure, state.failure_response)
-
-    async def _committing_send(self, state: _RequestState, send: Send, message: Message) -> None:
-        """The send of a message that may need a commit first, or that changes the outcome (WebSockets)."""
-        if state.failure is not None:
-            return  # our error response replaced the app's; drop the rest of it
-        message_type = message["type"]
-        session = state.session
-        if message_type in _START_TYPES:
-            if message["status"] >= 400:
-                state.keep = False
-            elif session is not None and state.commit_on_success and session.in_transaction():
-                try:
-                    await commit(session, self._spans, "before_response")
-                except Exception as exc:
-                    state.keep = False
-                    response = state.failure_response = self.error_response(exc)
-                    response = response or INTERNAL_SERVER_ERROR
-                    _note_answered(exc, state.route_policy)
-                    text = COMMIT_FAILED_UNKNOWN if isinstance(exc, CommitOutcomeUnknownError) else COMMIT_FAILED
-                    failure = state.failure = CommitFailedError(
-                        text.format(name=self.database.name, status=response.status, app_status=message["status"])
-                    )
-                    for error_message in response.messages():
-                        await send(error_message)
-                    raise failure from exc
-            state.started = True
-        elif message_type in _FINAL_BODY_TYPES:
-            # Work done while streaming is committed before the last chunk, so that a failure still reaches
-            # the client as a broken response instead of a complete one.
-            if not message.get("more_body", False):
-                if state.keep and session is not None and state.commit_on_success and session.in_transaction():
-                    try:
-                        await commit(session, self._spans, "before_last_body")
-                    except Exception as exc:
-                        state.keep = False
-                        unknown = isinstance(exc, CommitOutcomeUnknownError)
-                        late = COMMIT_FAILED_LATE_UNKNOWN if unknown else COMMIT_FAILED_LATE
-                        failure = state.failure = CommitFailedError(late.format(name=self.database.name))
-                        raise failure from exc
-                state.complete = True
-        elif message_type == "websocket.accept":
-            state.started = state.complete = True
-        elif message_type == "websocket.close" and (
-            not state.started or message.get("code", 1000) not in _NORMAL_CLOSE_CODES
-        ):
-            state.keep = False
-        await send(message)
 
     async def _answer_error(self, scope: Scope, send: Send, error: Exception, state: _RequestState) -> bool:
         """Send the mapped response for ``error`` (True), or leave it to the server's handling (False)."""
