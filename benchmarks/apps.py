@@ -121,6 +121,51 @@ class _ContextVarAndSend(_ContextVarOnly):
             _request_var.reset(token)
 
 
+class NotedRequest:
+    """A request's place for a session made on first use, and what its response has said so far: what a middleware
+    under the contract keeps even for a request that never asks for a session. A background task or the rest of a
+    streaming body may still ask for one, and its work then follows the response (committed only after a status
+    below 400 and a body that went out whole); an error is answered only before the response has started; once
+    the call has ended, no session is made."""
+
+    __slots__ = ("complete", "ended", "session", "started", "status")
+
+    def __init__(self) -> None:
+        self.session: AsyncSession | None = None
+        self.started = False
+        self.status = 0
+        self.complete = False
+        self.ended = False
+
+
+class _ContextVarAndNotingSend(_ContextVarOnly):
+    """floor-send, its send noting the response's start, status and last body, its request's session (if one was
+    made) closed at the end: the least a middleware under the contract does for a request that never queries."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = NotedRequest()
+
+        def noting_send(message: Message) -> Awaitable[None]:
+            if message["type"] == "http.response.start":
+                request.started = True
+                request.status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                request.complete = True
+            return send(message)
+
+        token = _request_var.set(request)
+        try:
+            await self.app(scope, receive, noting_send)
+        finally:
+            _request_var.reset(token)
+            request.ended = True
+            if request.session is not None:
+                await request.session.close()
+
+
 def build_floor_passthrough(settings: EngineSettings) -> ASGIApp:
     app = Starlette(routes=[Route("/nodb", nodb)])
     app.add_middleware(_PassThrough)
@@ -136,6 +181,12 @@ def build_floor_contextvar(settings: EngineSettings) -> ASGIApp:
 def build_floor_send(settings: EngineSettings) -> ASGIApp:
     app = Starlette(routes=[Route("/nodb", nodb)])
     app.add_middleware(_ContextVarAndSend)
+    return app
+
+
+def build_floor_noted(settings: EngineSettings) -> ASGIApp:
+    app = Starlette(routes=[Route("/nodb", nodb)])
+    app.add_middleware(_ContextVarAndNotingSend)
     return app
 
 
@@ -555,11 +606,20 @@ OURS = "asgi-db-session"
 FLOOR_PASSTHROUGH = "floor-passthrough"
 FLOOR_CONTEXTVAR = "floor-contextvar"
 FLOOR_SEND = "floor-send"
+FLOOR_NOTED = "floor-noted"
 FLOOR_LATE_CLOSE = "floor-late-close"
 FLOOR_SAFE_CLOSE = "floor-safe-close"
 FLOOR_GUARDED = "floor-guarded"
 _OUR_MODULES = ("asgi_db_session",)
-FLOORS = (FLOOR_PASSTHROUGH, FLOOR_CONTEXTVAR, FLOOR_SEND, FLOOR_LATE_CLOSE, FLOOR_SAFE_CLOSE, FLOOR_GUARDED)
+FLOORS = (
+    FLOOR_PASSTHROUGH,
+    FLOOR_CONTEXTVAR,
+    FLOOR_SEND,
+    FLOOR_NOTED,
+    FLOOR_LATE_CLOSE,
+    FLOOR_SAFE_CLOSE,
+    FLOOR_GUARDED,
+)
 
 APPS: dict[str, AppSpec] = {
     spec.key: spec
@@ -579,6 +639,12 @@ APPS: dict[str, AppSpec] = {
             FLOOR_SEND,
             "Starlette + a middleware that sets a ContextVar and forwards send through a function of its own",
             build_floor_send,
+            serves_db=False,
+        ),
+        AppSpec(
+            FLOOR_NOTED,
+            "the same, its send noting the response's start, status and last body, and its request's end",
+            build_floor_noted,
             serves_db=False,
         ),
         AppSpec(

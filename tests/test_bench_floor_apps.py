@@ -1,5 +1,6 @@
 """benchmarks/apps.py's floor-safe-close: the least a close that the contract allows does, and it does all of it;
-floor-guarded: the same with a guard against two tasks on one session, which it must then really have.
+floor-guarded: the same with a guard against two tasks on one session, which it must then really have;
+floor-noted: a send that notes what the contract needs of a response (its start, status and last body).
 
 Its figures are a floor only if its close is as safe as the contract asks (to its end under cancellations, within
 a bound, a connection that cannot be cleaned up thrown away): checked here against PostgreSQL, as the package's
@@ -16,6 +17,7 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
+from asgi_db_session._types import Message, Receive, Scope, Send
 from asgi_db_session.settings import DEFAULT_CLEANUP_TIMEOUT
 from benchmarks.apps import (
     APPS,
@@ -23,8 +25,11 @@ from benchmarks.apps import (
     FLOOR_LATE_CLOSE,
     FLOOR_SAFE_CLOSE,
     SAFE_CLOSE_SECONDS,
+    NotedRequest,
     PlainGuardedSession,
     TwoTasksError,
+    _ContextVarAndNotingSend,
+    _request_var,
     _shielded_close,
 )
 from benchmarks.common import EngineSettings, prepare_table
@@ -128,3 +133,39 @@ def test_each_safe_floor_makes_sessions_of_its_class(key: str, session_class: ty
     app = APPS[key].build(EngineSettings(url=PG_URL))
     [middleware] = app.user_middleware  # type: ignore[attr-defined]
     assert middleware.kwargs["factory"].class_ is session_class
+
+
+@pytest.mark.parametrize(
+    ("status", "more_body", "complete"),
+    [(200, [False], True), (400, [False], True), (200, [True, True, False], True), (201, [True, True], False)],
+)
+async def test_the_noted_floor_notes_what_the_contract_needs_of_a_response(
+    status: int, more_body: list[bool], complete: bool
+) -> None:
+    """What a background task or the rest of a streaming body that asks for a session later depends on: whether
+    the response started, its status, and whether its body went out whole (the last case: a stream cut short)."""
+    seen: list[NotedRequest] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        request = _request_var.get()
+        assert isinstance(request, NotedRequest)
+        seen.append(request)
+        assert (request.started, request.ended) == (False, False)
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        assert (request.started, request.status, request.complete) == (True, status, False)
+        for more in more_body:
+            await send({"type": "http.response.body", "body": b"x", "more_body": more})
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    await _ContextVarAndNotingSend(app)({"type": "http"}, receive, send)
+    [request] = seen
+    assert (request.started, request.status, request.complete, request.ended) == (True, status, complete, True)
+    assert len(sent) == 1 + len(more_body)
+    assert request.session is None
