@@ -128,25 +128,38 @@ class NotedRequest:
     below 400 and a body that went out whole); an error is answered only before the response has started; once
     the call has ended, no session is made."""
 
-    __slots__ = ("complete", "ended", "session", "started", "status")
+    __slots__ = ("complete", "ended", "factory", "session", "started", "status")
 
-    def __init__(self) -> None:
+    def __init__(self, factory: async_sessionmaker[AsyncSession]) -> None:
+        self.factory = factory
         self.session: AsyncSession | None = None
         self.started = False
         self.status = 0
         self.complete = False
         self.ended = False
 
+    def get(self) -> AsyncSession:
+        if self.ended:
+            raise RuntimeError("the request has ended: no session is made for it any more")
+        session = self.session
+        if session is None:
+            session = self.session = self.factory()
+        return session
 
-class _ContextVarAndNotingSend(_ContextVarOnly):
+
+class _ContextVarAndNotingSend:
     """floor-send, its send noting the response's start, status and last body, its request's session (if one was
     made) closed at the end: the least a middleware under the contract does for a request that never queries."""
+
+    def __init__(self, app: ASGIApp, factory: async_sessionmaker[AsyncSession]) -> None:
+        self.app = app
+        self.factory = factory
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request = NotedRequest()
+        request = NotedRequest(self.factory)
 
         def noting_send(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start":
@@ -185,8 +198,11 @@ def build_floor_send(settings: EngineSettings) -> ASGIApp:
 
 
 def build_floor_noted(settings: EngineSettings) -> ASGIApp:
-    app = Starlette(routes=[Route("/nodb", nodb)])
-    app.add_middleware(_ContextVarAndNotingSend)
+    # An engine and a session factory as the package's server holds them, though /nodb never uses them: the
+    # objects they keep alive are what the collector walks at each full collection.
+    engine = settings.create_engine()
+    app = Starlette(routes=[Route("/nodb", nodb)], lifespan=_disposing(engine))
+    app.add_middleware(_ContextVarAndNotingSend, factory=session_factory(engine))
     return app
 
 

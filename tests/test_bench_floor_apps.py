@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from asgi_db_session._types import Message, Receive, Scope, Send
 from asgi_db_session.settings import DEFAULT_CLEANUP_TIMEOUT
@@ -164,8 +164,42 @@ async def test_the_noted_floor_notes_what_the_contract_needs_of_a_response(
     async def receive() -> Message:
         return {"type": "http.disconnect"}
 
-    await _ContextVarAndNotingSend(app)({"type": "http"}, receive, send)
+    engine = create_async_engine(PG_URL)
+    try:
+        await _ContextVarAndNotingSend(app, async_sessionmaker(engine))({"type": "http"}, receive, send)
+    finally:
+        await engine.dispose()
     [request] = seen
     assert (request.started, request.status, request.complete, request.ended) == (True, status, complete, True)
     assert len(sent) == 1 + len(more_body)
     assert request.session is None
+
+
+async def test_the_noted_floor_closes_a_session_made_after_the_response_and_makes_none_once_ended() -> None:
+    seen: list[NotedRequest] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x"})
+        request = _request_var.get()
+        assert isinstance(request, NotedRequest)
+        seen.append(request)
+        # As a background task does, after the response has gone out.
+        assert (await request.get().execute(text("SELECT 1"))).scalar_one() == 1
+
+    async def send(message: Message) -> None:
+        pass
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    engine = create_async_engine(PG_URL, pool_size=1, max_overflow=0)
+    try:
+        await _ContextVarAndNotingSend(app, async_sessionmaker(engine))({"type": "http"}, receive, send)
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await engine.dispose()
+    [request] = seen
+    assert (request.complete, request.ended) == (True, True)
+    with pytest.raises(RuntimeError, match="^the request has ended"):
+        request.get()
