@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from asgi_db_session._types import Message, Receive, Scope, Send
+from asgi_db_session._types import Receive, Scope, Send
 from asgi_db_session.settings import DEFAULT_CLEANUP_TIMEOUT
 from benchmarks.apps import (
     APPS,
@@ -35,6 +35,7 @@ from benchmarks.apps import (
 from benchmarks.common import EngineSettings, prepare_table
 from benchmarks.driver import Lifespan, run_batch
 
+from .asgi import Channel, http_scope
 from .conftest import PG_URL
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("postgresql_dsn")]
@@ -156,22 +157,15 @@ async def test_the_noted_floor_notes_what_the_contract_needs_of_a_response(
         for more in more_body:
             await send({"type": "http.response.body", "body": b"x", "more_body": more})
 
-    sent: list[Message] = []
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    async def receive() -> Message:
-        return {"type": "http.disconnect"}
-
+    channel = Channel()
     engine = create_async_engine(PG_URL)
     try:
-        await _ContextVarAndNotingSend(app, async_sessionmaker(engine))({"type": "http"}, receive, send)
+        await _ContextVarAndNotingSend(app, async_sessionmaker(engine))(http_scope(), channel.receive, channel.send)
     finally:
         await engine.dispose()
     [request] = seen
     assert (request.started, request.status, request.complete, request.ended) == (True, status, complete, True)
-    assert len(sent) == 1 + len(more_body)
+    assert channel.types() == ["http.response.start"] + ["http.response.body"] * len(more_body)
     assert request.session is None
 
 
@@ -187,15 +181,10 @@ async def test_the_noted_floor_closes_a_session_made_after_the_response_and_make
         # As a background task does, after the response has gone out.
         assert (await request.get().execute(text("SELECT 1"))).scalar_one() == 1
 
-    async def send(message: Message) -> None:
-        pass
-
-    async def receive() -> Message:
-        return {"type": "http.disconnect"}
-
+    channel = Channel()
     engine = create_async_engine(PG_URL, pool_size=1, max_overflow=0)
     try:
-        await _ContextVarAndNotingSend(app, async_sessionmaker(engine))({"type": "http"}, receive, send)
+        await _ContextVarAndNotingSend(app, async_sessionmaker(engine))(http_scope(), channel.receive, channel.send)
         assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     finally:
         await engine.dispose()
