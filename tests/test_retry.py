@@ -171,10 +171,14 @@ async def test_write_skew_is_retried_into_a_serial_outcome(pg: Database) -> None
     # As if one ran after the other: exactly one doctor went off call, the other saw that and stayed.
     assert sorted(results) == ["off call", "stays"]
     assert await fetch(f"SELECT count(*) FROM {DOCTORS} WHERE on_call") == [(1,)]
-    # One of them lost the race once and ran again; the callbacks of its failed attempt never ran.
-    assert sorted(skew.attempts) in ([1, 1, 2], [1, 2, 2])
-    loser = 1 if skew.attempts.count(1) == 2 else 2
-    assert sorted(skew.committed) == sorted([(loser, 2), (3 - loser, 1)])
+    # One of them lost the race and ran again, the other ran once; the callbacks of the failed attempts never ran.
+    # The loser can lose more than once: a retry that starts before the winner has committed reads the same rows
+    # and is refused again (seen on a loaded CI machine: attempts [1, 2, 2, 2]).
+    loser = 1 if skew.attempts.count(1) > 1 else 2
+    winner = 3 - loser
+    assert skew.attempts.count(winner) == 1
+    assert skew.attempts.count(loser) >= 2
+    assert sorted(skew.committed) == sorted([(loser, skew.attempts.count(loser)), (winner, 1)])
 
 
 async def test_write_skew_without_retries_surfaces_the_serialization_failure(pg: Database) -> None:
