@@ -111,7 +111,9 @@ async def test_prometheus_scrapes_the_demo_and_answers_its_pool_metrics(tmp_path
                 while not idle:
                     assert prometheus_process.returncode is None, (tmp_path / "prometheus.log").read_text()
                     with contextlib.suppress(httpx.TransportError):  # not listening yet
-                        idle = await query(api, QUERY % "idle")
+                        # Listening, its API answers 503 until its storage is open: /-/ready says when it is.
+                        if (await api.get("/-/ready")).status_code == 200:
+                            idle = await query(api, QUERY % "idle")
                     await asyncio.sleep(0.25)
             # The note's request left its connection in the pool: one idle, none used, as the demo's pool reads.
             assert [sample["value"][1] for sample in idle] == ["1"], idle
